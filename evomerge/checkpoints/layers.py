@@ -1,0 +1,73 @@
+"""Where a tensor sits in a transformer: its layer, its relative depth and its functional group.
+
+These helpers work on tensor names only, for the naming schemes of Llama, Qwen2, Mistral, Gemma (also the
+multimodal ``model.language_model.layers.N.`` variant) and GPT-2-style ``transformer.h.N.`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["EMBEDDING_MARKERS", "TENSOR_GROUPS", "layer_index", "layer_position", "tensor_group"]
+
+# A decoder block: ``...layers.N.`` (Llama, Qwen2, Mistral, Gemma, GPT-NeoX) or ``...h.N.`` (GPT-2, Falcon).
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")
+
+EMBEDDING_MARKERS: tuple[str, ...] = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in")
+"""Name components of input embeddings; they sit at relative position 0."""
+
+TENSOR_GROUPS: tuple[str, ...] = ("self_attn", "mlp", "norm", "embed", "lm_head", "other")
+"""Every value :func:`tensor_group` can return."""
+
+_ATTN_PARTS = frozenset({"self_attn", "attn", "attention", "self_attention"})
+_MLP_PARTS = frozenset({"mlp", "feed_forward", "ffn", "block_sparse_moe"})
+_LM_HEAD_PARTS = frozenset({"lm_head", "embed_out"})
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer number of tensor ``name``, or None for tensors outside the layer stack."""
+    match = _LAYER_RE.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _is_embedding(name: str) -> bool:
+    return any(part in EMBEDDING_MARKERS for part in name.split("."))
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """Relative depth of tensor ``name`` in [0, 1].
+
+    Layer ``l`` of ``n`` maps to ``l / (n - 1)`` (0 when ``n <= 1``; clamped to [0, 1]); input embeddings map
+    to 0; everything else outside the layer stack (final norm, lm_head) maps to 1.
+    """
+    index = layer_index(name)
+    if index is not None:
+        if num_layers <= 1:
+            return 0.0
+        return min(1.0, max(0.0, index / (num_layers - 1)))
+    if _is_embedding(name):
+        return 0.0
+    return 1.0
+
+
+def tensor_group(name: str) -> str:
+    """Functional group of tensor ``name``: one of :data:`TENSOR_GROUPS`.
+
+    Attention and MLP sub-modules win over norms inside them (``self_attn.q_norm`` is ``self_attn``);
+    ``post_attention_layernorm`` is a ``norm``.
+    """
+    parts = name.split(".")
+    for part in parts:
+        if part in _ATTN_PARTS:
+            return "self_attn"
+        if part in _MLP_PARTS:
+            return "mlp"
+    for part in parts:
+        if part in _LM_HEAD_PARTS:
+            return "lm_head"
+        if part in EMBEDDING_MARKERS:
+            return "embed"
+    for part in parts:
+        if "norm" in part or re.fullmatch(r"ln_?(\d+|f)?", part):
+            return "norm"
+    return "other"

@@ -1,0 +1,40 @@
+"""The one error hierarchy of evomerge.
+
+Every error evomerge raises on purpose derives from :class:`EvomergeError`. Errors caused by what the
+user gave us (a config, a path, a recipe) derive from :class:`UserError`; the CLI prints their message
+as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class EvomergeError(Exception):
+    """Base class of all evomerge errors."""
+
+    exit_code: int = 1
+
+
+class UserError(EvomergeError):
+    """Bad input from the user: the message names the problem; the CLI exits 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A configuration file or value is invalid."""
+
+
+class CheckpointError(UserError):
+    """A model directory is missing, unreadable or inconsistent."""
+
+
+class RecipeError(UserError):
+    """A merge recipe is invalid (unknown method or parameter, bad value, incompatible models)."""
+
+
+class OutputExistsError(UserError):
+    """The output path exists and overwriting was not asked for."""
+
+
+class EvaluationError(EvomergeError):
+    """A candidate could not be evaluated (NaN weights, generation failure)."""

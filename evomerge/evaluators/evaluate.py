@@ -1,0 +1,176 @@
+"""Evaluate one live model on a set of tasks.
+
+:func:`evaluate` loads each task's fixed question set, builds the prompts, generates greedy completions
+with a backend (anything with :class:`Generator`'s ``generate``, e.g. :class:`HFBackend`), and scores
+every question. Tasks that share ``max_new_tokens`` and ``stop`` are generated together, so batches
+stay full.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from evomerge.errors import ConfigError, EvaluationError
+from evomerge.evaluators.scoring import extract_answer, score
+from evomerge.evaluators.tasks import Example, Split, TaskConfig, load_split
+
+__all__ = ["EvalResult", "Generator", "ProgressFn", "QuestionRecord", "TaskResult", "evaluate"]
+
+ProgressFn = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` with the number of questions generated so far."""
+
+
+class Generator(Protocol):
+    """What :func:`evaluate` needs from a backend."""
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        stop: list[str],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]: ...
+
+
+class QuestionRecord(BaseModel):
+    """One scored question."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    prompt: str
+    completion: str
+    reference: str
+    extracted: str | None
+    score: float
+
+
+class TaskResult(BaseModel):
+    """The result of one task on one split; ``score`` is the mean of the question scores."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: str
+    split: Split
+    score: float
+    n: int
+    records: list[QuestionRecord]
+    seconds: float
+
+
+class EvalResult(BaseModel):
+    """The results of all tasks; ``mean`` is their mean weighted by task weight."""
+
+    model_config = ConfigDict(frozen=True)
+
+    split: Split
+    tasks: dict[str, TaskResult]
+    weights: dict[str, float]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def mean(self) -> float:
+        total = sum(self.weights[name] for name in self.tasks)
+        if total <= 0:
+            return 0.0
+        return sum(self.weights[name] * result.score for name, result in self.tasks.items()) / total
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def scores(self) -> dict[str, float]:
+        return {name: result.score for name, result in self.tasks.items()}
+
+
+def evaluate(
+    backend: Generator,
+    tasks: Sequence[TaskConfig],
+    split: Split,
+    base_dir: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+) -> EvalResult:
+    """Generate and score every question of ``split`` of every task with ``backend``.
+
+    Raises ConfigError for no tasks, duplicate task names or bad task data (see :func:`load_split`),
+    and EvaluationError when the backend returns the wrong number of completions. A task's ``seconds``
+    is its share (by question count) of the time spent generating its group, plus its own scoring time.
+    """
+    if not tasks:
+        raise ConfigError("no tasks to evaluate")
+    names = [t.name for t in tasks]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"duplicate task name(s): {', '.join(duplicates)}")
+
+    examples: dict[str, list[Example]] = {}
+    prompts: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    for task in tasks:
+        t0 = time.perf_counter()
+        examples[task.name] = load_split(task, split, base_dir)
+        prompts[task.name] = [task.prompt(ex.question) for ex in examples[task.name]]
+        seconds[task.name] = time.perf_counter() - t0
+
+    groups: dict[tuple[int, tuple[str, ...]], list[TaskConfig]] = {}
+    for task in tasks:
+        groups.setdefault((task.max_new_tokens, tuple(task.stop)), []).append(task)
+
+    total = sum(len(p) for p in prompts.values())
+    done = 0
+
+    def advance(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
+    completions: dict[str, list[str]] = {}
+    for (max_new_tokens, stop), members in groups.items():
+        batch = [p for task in members for p in prompts[task.name]]
+        t0 = time.perf_counter()
+        outputs = backend.generate(batch, max_new_tokens=max_new_tokens, stop=list(stop), progress=advance)
+        elapsed = time.perf_counter() - t0
+        if len(outputs) != len(batch):
+            raise EvaluationError(f"the backend returned {len(outputs)} completions for {len(batch)} prompts")
+        offset = 0
+        for task in members:
+            k = len(prompts[task.name])
+            completions[task.name] = outputs[offset : offset + k]
+            offset += k
+            seconds[task.name] += elapsed * k / len(batch)
+
+    results: dict[str, TaskResult] = {}
+    for task in tasks:
+        t0 = time.perf_counter()
+        records = [
+            QuestionRecord(
+                id=ex.id,
+                prompt=prompt,
+                completion=completion,
+                reference=ex.answer,
+                extracted=extract_answer(task.kind, completion),
+                score=score(task.kind, completion, ex.answer),
+            )
+            for ex, prompt, completion in zip(
+                examples[task.name], prompts[task.name], completions[task.name], strict=True
+            )
+        ]
+        mean = sum(r.score for r in records) / len(records)
+        seconds[task.name] += time.perf_counter() - t0
+        results[task.name] = TaskResult(
+            task=task.name,
+            split=split,
+            score=mean,
+            n=len(records),
+            records=records,
+            seconds=seconds[task.name],
+        )
+    return EvalResult(split=split, tasks=results, weights={t.name: t.weight for t in tasks})

@@ -1,0 +1,1 @@
+"""evomerge.merging.methods: one module per merge method (kernel + parameter defaults)."""

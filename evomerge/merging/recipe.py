@@ -1,0 +1,509 @@
+"""Merge recipes: a superset of mergekit's YAML shape, validated, with per-tensor parameter resolution.
+
+.. code-block:: yaml
+
+    merge_method: ties
+    base_model: /path/base
+    models:
+      - model: /path/expert_a
+        parameters: {weight: 0.7, density: [0.3, 0.5, 0.9]}      # scalar or per-layer list
+      - model: /path/expert_b
+        parameters:
+          weight: [{filter: self_attn, value: 0.2}, {filter: mlp, value: [0.1, 0.9]}, {value: 0.5}]
+    parameters: {lambda: 1.0, normalize: true}   # method-wide; per-model names here are defaults for all
+    dtype: float32                               # float32 | bfloat16 | float16 (default: the base's dtype)
+    tokenizer_source: base                       # "base" or a model directory
+    seed: 0
+
+Resolution of one parameter for one tensor: a list of ``{filter, value}`` rules picks the first rule whose
+``filter`` is a substring of the tensor name (a rule without filter matches everything; when none
+matches, the top-level ``parameters`` entry, then the method default apply); a list of ``m`` numbers is
+interpolated linearly at index ``p * (m - 1)`` where ``p = layer_position(name, num_layers)``; a one-element
+list is a scalar; booleans resolve to 1.0 / 0.0.
+
+For methods that need a base model, a ``models`` entry naming the base model itself is skipped (its
+task vector is zero), as in mergekit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import torch
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, ValidationError, model_validator
+
+from evomerge.checkpoints.layers import layer_position
+from evomerge.errors import RecipeError
+from evomerge.merging.registry import MergeMethod, get_method, param_domain
+
+__all__ = [
+    "DTYPES",
+    "FilterRule",
+    "MergeRecipe",
+    "ModelEntry",
+    "ParamValue",
+    "check_layer_lists",
+    "format_validation_error",
+    "resolve",
+    "resolve_params",
+]
+
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+_SHAPE_HINT = "a number, true/false, a list of numbers, or a list of {filter, value} rules"
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _coerce_leaf(v: object) -> bool | float | tuple[float, ...]:
+    """A rule value: a bool, a number or a non-empty list of numbers."""
+    if isinstance(v, bool):
+        return v
+    if _is_number(v):
+        return float(v)  # type: ignore[arg-type]
+    if isinstance(v, list | tuple):
+        if not v:
+            raise ValueError("empty list")
+        if all(_is_number(x) for x in v):
+            return tuple(float(x) for x in v)
+        raise ValueError("a per-layer list must hold only numbers")
+    raise ValueError(f"must be a number, true/false or a list of numbers, got {type(v).__name__}")
+
+
+def _coerce_rule(rule: object, j: int) -> FilterRule:
+    if isinstance(rule, FilterRule):
+        return rule
+    if not isinstance(rule, Mapping):
+        raise ValueError(f"[{j}]: a rule must be a mapping with 'value' and optional 'filter'")
+    unknown = sorted(str(k) for k in rule if k not in ("filter", "value"))
+    if unknown:
+        raise ValueError(f"[{j}]: unknown rule key {unknown[0]!r} (allowed: filter, value)")
+    if "value" not in rule:
+        raise ValueError(f"[{j}]: rule has no 'value'")
+    flt = rule.get("filter")
+    if flt is not None and not isinstance(flt, str):
+        raise ValueError(f"[{j}].filter: must be a string, got {type(flt).__name__}")
+    try:
+        value = _coerce_leaf(rule["value"])
+    except ValueError as exc:
+        raise ValueError(f"[{j}].value: {exc}") from None
+    return FilterRule(filter=flt, value=value)
+
+
+def _coerce_param_value(v: object) -> object:
+    """Normalise a parameter value before pydantic checks its type (ints -> floats, lists -> tuples)."""
+    if isinstance(v, bool):
+        return v
+    if _is_number(v):
+        return float(v)  # type: ignore[arg-type]
+    if isinstance(v, list | tuple):
+        if not v:
+            raise ValueError("empty list")
+        if all(_is_number(x) for x in v):
+            return tuple(float(x) for x in v)
+        if all(isinstance(x, Mapping | FilterRule) for x in v):
+            return tuple(_coerce_rule(x, j) for j, x in enumerate(v))
+        raise ValueError("a list must hold only numbers or only {filter, value} rules")
+    raise ValueError(f"must be {_SHAPE_HINT}, got {type(v).__name__}")
+
+
+class FilterRule(BaseModel):
+    """One entry of a filtered parameter: applies to tensors whose name contains ``filter``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    filter: str | None = None
+    value: StrictBool | float | tuple[float, ...]
+
+
+ParamValue = Annotated[
+    StrictBool | float | tuple[float, ...] | tuple[FilterRule, ...],
+    BeforeValidator(_coerce_param_value),
+]
+"""A parameter: scalar, per-layer list, or filter rules (each with a scalar or per-layer list value)."""
+
+
+def _none_to_empty(v: object) -> object:
+    return {} if v is None else v
+
+
+Params = Annotated[dict[str, ParamValue], BeforeValidator(_none_to_empty)]
+
+
+class ModelEntry(BaseModel):
+    """One model of the recipe and its per-model parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    parameters: Params = {}
+
+
+# ---------------------------------------------------------------------------------------- errors
+def _loc_to_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line naming the first problem of a pydantic ValidationError (and how many more there are)."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return "invalid recipe"
+    err = errors[0]
+    path = _loc_to_path(err["loc"])
+    kind = err["type"]
+    if kind == "missing":
+        msg = "required field is missing"
+    elif kind == "extra_forbidden":
+        msg = "unknown field"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        value = err.get("input")
+        if kind != "value_error" and isinstance(value, str | int | float | bool) and len(repr(value)) < 60:
+            msg += f" (got {value!r})"
+    # a validator's message may start with a sub-location, e.g. "[0].value: ..."
+    line = (path + msg if msg.startswith("[") else f"{path}: {msg}") if path else msg
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return " ".join(line.split())
+
+
+# ---------------------------------------------------------------------------------------- recipe
+class MergeRecipe(BaseModel):
+    """A validated merge recipe. Construction raises :class:`~evomerge.errors.RecipeError` (one line)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry]
+    parameters: Params = {}
+    dtype: DtypeName | None = None
+    tokenizer_source: str = "base"
+    seed: int = 0
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc)) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
+        """Validate a mapping; RecipeError (one line naming the field) instead of ValidationError."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc)) from None
+
+    # ------------------------------------------------------------------ semantic checks
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        method = get_method(self.merge_method)
+        if not self.models:
+            raise RecipeError("models: empty list; a recipe needs at least one model")
+        if method.needs_base and not self.base_model:
+            raise RecipeError(f"base_model: merge method {method.name!r} needs a base model")
+        for i, entry in enumerate(self.models):
+            if not entry.model:
+                raise RecipeError(f"models[{i}].model: empty path")
+            for key, value in entry.parameters.items():
+                path = f"models[{i}].parameters.{key}"
+                if key not in method.model_params:
+                    if key in method.global_params:
+                        raise RecipeError(
+                            f"{path}: {key!r} is a global parameter of {method.name!r}; "
+                            "put it under the top-level parameters"
+                        )
+                    raise RecipeError(f"{path}: {_unknown_param(key, method, method.model_params)}")
+                _check_domain(path, key, value)
+        for key, value in self.parameters.items():
+            path = f"parameters.{key}"
+            if key not in method.global_params and key not in method.model_params:
+                known = {**method.global_params, **method.model_params}
+                raise RecipeError(f"{path}: {_unknown_param(key, method, known)}")
+            _check_domain(path, key, value)
+        if not self._expert_indices():
+            raise RecipeError(f"models: no model besides the base model {self.base_model!r}")
+        return self
+
+    def _expert_indices(self) -> list[int]:
+        method = get_method(self.merge_method)
+        if method.needs_base and self.base_model:
+            return [i for i, m in enumerate(self.models) if not _same_path(m.model, self.base_model)]
+        return list(range(len(self.models)))
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def method(self) -> MergeMethod:
+        return get_method(self.merge_method)
+
+    def expert_models(self) -> tuple[ModelEntry, ...]:
+        """The models that take part (for base-needing methods, entries naming the base are skipped)."""
+        return tuple(self.models[i] for i in self._expert_indices())
+
+    def tokenizer_path(self) -> str:
+        """The directory to copy the tokenizer from (``base`` -> the base model, or the first model)."""
+        if self.tokenizer_source == "base":
+            return self.base_model or self.models[0].model
+        return self.tokenizer_source
+
+    def torch_dtype(self, default: torch.dtype | None = None) -> torch.dtype:
+        """The output dtype: the recipe's, else ``default`` when it is float32/bfloat16/float16, else
+        float32."""
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        if default in DTYPES.values():
+            assert default is not None
+            return default
+        return torch.float32
+
+    # ------------------------------------------------------------------ YAML
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> MergeRecipe:
+        """Parse a recipe from a YAML file path or from YAML text."""
+        if isinstance(source, Path) or (
+            "\n" not in source
+            and (source.strip().endswith((".yaml", ".yml")) or Path(source).expanduser().is_file())
+        ):
+            path = Path(source).expanduser()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise RecipeError(f"recipe file not found: {path}") from None
+            except OSError as exc:
+                raise RecipeError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
+        else:
+            text = source
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            where = ""
+            mark = getattr(exc, "problem_mark", None)
+            if mark is not None:
+                where = f" at line {mark.line + 1}, column {mark.column + 1}"
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise RecipeError(f"invalid recipe YAML: {problem}{where}") from None
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe must be a YAML mapping with merge_method and models")
+        return cls.model_validate(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in mergekit's shape (empty/None fields left out); ``model_validate`` reads it back."""
+        out: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
+        models: list[dict[str, Any]] = []
+        for entry in self.models:
+            item: dict[str, Any] = {"model": entry.model}
+            if entry.parameters:
+                item["parameters"] = _dump_params(entry.parameters)
+            models.append(item)
+        out["models"] = models
+        if self.parameters:
+            out["parameters"] = _dump_params(self.parameters)
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        out["tokenizer_source"] = self.tokenizer_source
+        out["seed"] = self.seed
+        return out
+
+    def to_yaml(self) -> str:
+        """YAML text; ``MergeRecipe.from_yaml(r.to_yaml()) == r``."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Same model path after normalising (no filesystem access: this runs once per tensor)."""
+    if a == b:
+        return True
+    return os.path.normpath(os.path.abspath(os.path.expanduser(a))) == os.path.normpath(
+        os.path.abspath(os.path.expanduser(b))
+    )
+
+
+def _unknown_param(key: str, method: MergeMethod, known: Mapping[str, float]) -> str:
+    names = ", ".join(sorted(known)) or "none"
+    return f"unknown parameter {key!r} for merge method {method.name!r}; known: {names}"
+
+
+def _check_domain(path: str, key: str, value: ParamValue) -> None:
+    domain = param_domain(key)
+
+    def leaf(p: str, v: bool | float | tuple[float, ...]) -> None:
+        if isinstance(v, tuple):
+            if domain.kind == "bool":
+                raise RecipeError(f"{p}: must be true or false, not a list")
+            for j, x in enumerate(v):
+                problem = domain.problem(x)
+                if problem:
+                    raise RecipeError(f"{p}[{j}]: {problem}")
+            return
+        problem = domain.problem(v)
+        if problem:
+            raise RecipeError(f"{p}: {problem}")
+
+    if isinstance(value, tuple) and value and isinstance(value[0], FilterRule):
+        for j, rule in enumerate(value):
+            assert isinstance(rule, FilterRule)
+            leaf(f"{path}[{j}].value", rule.value)
+    else:
+        leaf(path, value)  # type: ignore[arg-type]
+
+
+def _dump_leaf(v: bool | float | tuple[float, ...]) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _dump_params(params: Mapping[str, ParamValue]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, tuple) and value and isinstance(value[0], FilterRule):
+            rules: list[dict[str, Any]] = []
+            for rule in value:
+                assert isinstance(rule, FilterRule)
+                item: dict[str, Any] = {} if rule.filter is None else {"filter": rule.filter}
+                item["value"] = _dump_leaf(rule.value)
+                rules.append(item)
+            out[key] = rules
+        else:
+            out[key] = _dump_leaf(value)  # type: ignore[arg-type]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- resolution
+def _interpolate(values: tuple[float, ...], tensor_name: str, num_layers: int, param: str) -> float:
+    m = len(values)
+    if m == 1:
+        return values[0]
+    if m > num_layers:
+        raise RecipeError(
+            f"{param}: per-layer list has {m} values but the model has {num_layers} layer"
+            f"{'' if num_layers == 1 else 's'}"
+        )
+    x = layer_position(tensor_name, num_layers) * (m - 1)
+    lo = min(math.floor(x), m - 1)
+    hi = min(lo + 1, m - 1)
+    frac = x - lo
+    return values[lo] * (1.0 - frac) + values[hi] * frac
+
+
+def _resolve_leaf(
+    v: bool | float | tuple[float, ...], tensor_name: str, num_layers: int, param: str
+) -> float:
+    if isinstance(v, bool):
+        return 1.0 if v else 0.0
+    if isinstance(v, tuple):
+        return _interpolate(v, tensor_name, num_layers, param)
+    return float(v)
+
+
+def _resolve_optional(value: ParamValue, tensor_name: str, num_layers: int, param: str) -> float | None:
+    if isinstance(value, tuple) and value and isinstance(value[0], FilterRule):
+        for j, rule in enumerate(value):
+            assert isinstance(rule, FilterRule)
+            if rule.filter is None or rule.filter in tensor_name:
+                return _resolve_leaf(rule.value, tensor_name, num_layers, f"{param}[{j}].value")
+        return None
+    return _resolve_leaf(value, tensor_name, num_layers, param)  # type: ignore[arg-type]
+
+
+def resolve(
+    value: ParamValue,
+    tensor_name: str,
+    num_layers: int,
+    *,
+    default: float | None = None,
+    param: str = "parameter",
+) -> float:
+    """The value of one parameter for tensor ``tensor_name`` of a model with ``num_layers`` layers.
+
+    ``default`` applies when no filter rule matches (RecipeError without one). ``param`` names the
+    parameter in error messages (e.g. a per-layer list longer than ``num_layers``).
+    """
+    result = _resolve_optional(value, tensor_name, num_layers, param)
+    if result is None:
+        if default is None:
+            raise RecipeError(f"{param}: no filter rule matches tensor {tensor_name!r}")
+        return default
+    return result
+
+
+def resolve_params(
+    recipe: MergeRecipe, tensor_name: str, num_layers: int
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Per-model parameter dicts (one per :meth:`MergeRecipe.expert_models` entry, in order) and the
+    global parameter dict for one tensor, as plain floats with the method's defaults filled in."""
+    method = recipe.method
+    top = recipe.parameters
+    global_params: dict[str, float] = {}
+    for key, default in method.global_params.items():
+        value = top.get(key)
+        global_params[key] = (
+            default
+            if value is None
+            else resolve(value, tensor_name, num_layers, default=default, param=f"parameters.{key}")
+        )
+    shared: dict[str, float] = {}
+    for key, default in method.model_params.items():
+        value = top.get(key)
+        shared[key] = (
+            default
+            if value is None
+            else resolve(value, tensor_name, num_layers, default=default, param=f"parameters.{key}")
+        )
+    per_model: list[dict[str, float]] = []
+    for i in recipe._expert_indices():
+        own = recipe.models[i].parameters
+        resolved: dict[str, float] = {}
+        for key in method.model_params:
+            value = own.get(key)
+            resolved[key] = (
+                shared[key]
+                if value is None
+                else resolve(
+                    value, tensor_name, num_layers, default=shared[key], param=f"models[{i}].parameters.{key}"
+                )
+            )
+        per_model.append(resolved)
+    return per_model, global_params
+
+
+def check_layer_lists(recipe: MergeRecipe, num_layers: int) -> None:
+    """RecipeError naming the first per-layer list longer than ``num_layers`` (checked before merging)."""
+
+    def walk(path: str, value: ParamValue) -> None:
+        if isinstance(value, tuple) and value and isinstance(value[0], FilterRule):
+            for j, rule in enumerate(value):
+                assert isinstance(rule, FilterRule)
+                walk(f"{path}[{j}].value", rule.value)
+        elif isinstance(value, tuple) and len(value) > 1 and len(value) > num_layers:
+            raise RecipeError(
+                f"{path}: per-layer list has {len(value)} values but the model has {num_layers} layer"
+                f"{'' if num_layers == 1 else 's'}"
+            )
+
+    for key, value in recipe.parameters.items():
+        walk(f"parameters.{key}", value)
+    for i, entry in enumerate(recipe.models):
+        for key, value in entry.parameters.items():
+            walk(f"models[{i}].parameters.{key}", value)

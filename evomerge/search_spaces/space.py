@@ -1,0 +1,212 @@
+"""Genome <-> recipe: which merge parameters are searched, at which granularity, within which bounds.
+
+A genome is a flat ``dict[str, float]`` (what an Optuna trial's ``params`` holds). Gene names read
+``<expert>.<param>[.<part>].g<k>``: expert alias, parameter (``weight``, ``density``, ...), optional part
+(``attn``/``mlp`` when attention and MLP get their own values) and layer group ``k``.
+
+Granularity:
+- ``global``: one value per expert and parameter.
+- ``layer_group``: one value per group of ``group_size`` consecutive layers.
+- ``layer``: one value per layer.
+
+Group values become a per-layer list of length ``num_layers`` in the recipe, so the recipe's linear
+interpolation (position ``l/(n-1)`` over ``n`` entries) lands exactly on layer ``l``'s value; embeddings
+take the first layer's value and the final norm / lm_head the last one, as for any per-layer list.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from optuna.distributions import BaseDistribution, FloatDistribution
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.merging import MergeRecipe, get_method
+
+Granularity = Literal["global", "layer_group", "layer"]
+_ALIAS_RE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class ParamRange(BaseModel):
+    """Bounds of one searched per-model parameter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamRange:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low >= self.high:
+            raise ValueError(f"{self.name}: low ({self.low}) must be below high ({self.high})")
+        if self.name == "density" and (self.low <= 0 or self.high > 1):
+            raise ValueError(f"density bounds must lie in (0, 1], got [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError(f"{self.name}: a log-scaled range needs low > 0")
+        return self
+
+
+class SearchSpaceConfig(BaseModel):
+    """What is searched: the merge method, the per-model parameters and their granularity."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str = "ties"
+    params: tuple[ParamRange, ...] = Field(
+        default=(
+            ParamRange(name="weight", low=0.0, high=1.5),
+            ParamRange(name="density", low=0.1, high=1.0),
+        )
+    )
+    granularity: Granularity = "layer_group"
+    group_size: int = Field(default=2, ge=1)
+    split_attn_mlp: bool = False
+    global_parameters: dict[str, float] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchSpaceConfig:
+        method = get_method(self.method)
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"params: duplicate parameter in {names}")
+        for n in names:
+            if n not in method.model_params:
+                known = ", ".join(sorted(method.model_params)) or "none"
+                raise ValueError(f"params: {self.method} has no per-model parameter {n!r} (known: {known})")
+        for n in self.global_parameters:
+            if n not in method.global_params:
+                known = ", ".join(sorted(method.global_params)) or "none"
+                raise ValueError(f"global_parameters: {self.method} has no parameter {n!r} (known: {known})")
+        return self
+
+
+def expert_aliases(expert_paths: Sequence[str]) -> list[str]:
+    """Short unique names for experts (their directory names), used in gene names and reports."""
+    aliases: list[str] = []
+    for p in expert_paths:
+        stem = _ALIAS_RE.sub("_", p.rstrip("/").split("/")[-1]) or "expert"
+        alias, k = stem, 2
+        while alias in aliases:
+            alias, k = f"{stem}_{k}", k + 1
+        aliases.append(alias)
+    return aliases
+
+
+class SearchSpace:
+    """Maps genomes to recipes for one base model, a list of experts and a layer count."""
+
+    def __init__(
+        self, config: SearchSpaceConfig, base_model: str, experts: Sequence[str], num_layers: int
+    ) -> None:
+        if not experts:
+            raise ConfigError("search space: at least one expert model is needed")
+        if num_layers < 1:
+            raise ConfigError(f"search space: num_layers must be >= 1, got {num_layers}")
+        self.config = config
+        self.base_model = base_model
+        self.experts = list(experts)
+        self.aliases = expert_aliases(self.experts)
+        self.num_layers = num_layers
+        if config.granularity == "global":
+            self.num_groups = 1
+        elif config.granularity == "layer":
+            self.num_groups = num_layers
+        else:
+            self.num_groups = math.ceil(num_layers / config.group_size)
+        self.parts: tuple[str, ...] = ("attn", "mlp") if config.split_attn_mlp else ("",)
+
+    # -- genes ---------------------------------------------------------------------------------
+    def gene_name(self, alias: str, param: str, part: str, group: int) -> str:
+        mid = f".{part}" if part else ""
+        return f"{alias}.{param}{mid}.g{group}"
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """One Optuna distribution per gene, in a stable order."""
+        out: dict[str, BaseDistribution] = {}
+        for alias in self.aliases:
+            for p in self.config.params:
+                for part in self.parts:
+                    for g in range(self.num_groups):
+                        out[self.gene_name(alias, p.name, part, g)] = FloatDistribution(
+                            p.low, p.high, log=p.log
+                        )
+        return out
+
+    @property
+    def dimension(self) -> int:
+        return len(self.config.params) * len(self.aliases) * len(self.parts) * self.num_groups
+
+    def uniform_genome(self, values: Mapping[str, float | Sequence[float]]) -> dict[str, float]:
+        """A genome with the same value for every layer and part: ``values[param]`` is a scalar for all
+        experts or a sequence with one value per expert. Values are clipped into the bounds."""
+        genome: dict[str, float] = {}
+        for i, alias in enumerate(self.aliases):
+            for p in self.config.params:
+                if p.name not in values:
+                    raise ConfigError(f"seed recipe: no value for parameter {p.name!r}")
+                raw = values[p.name]
+                v = float(raw) if isinstance(raw, int | float) else float(raw[i])
+                v = min(max(v, p.low), p.high)
+                for part in self.parts:
+                    for g in range(self.num_groups):
+                        genome[self.gene_name(alias, p.name, part, g)] = v
+        return genome
+
+    # -- genome -> recipe -------------------------------------------------------------------------
+    def _layer_list(self, genome: Mapping[str, float], alias: str, param: str, part: str) -> list[float]:
+        if self.config.granularity == "global":
+            return [genome[self.gene_name(alias, param, part, 0)]]
+        size = 1 if self.config.granularity == "layer" else self.config.group_size
+        return [
+            genome[self.gene_name(alias, param, part, layer // size)] for layer in range(self.num_layers)
+        ]
+
+    def _param_value(self, genome: Mapping[str, float], alias: str, param: str) -> Any:
+        if not self.config.split_attn_mlp:
+            return _compact(self._layer_list(genome, alias, param, ""))
+        attn = self._layer_list(genome, alias, param, "attn")
+        mlp = self._layer_list(genome, alias, param, "mlp")
+        rest = [(a + m) / 2 for a, m in zip(attn, mlp, strict=True)]
+        return [
+            {"filter": "self_attn", "value": _compact(attn)},
+            {"filter": "mlp", "value": _compact(mlp)},
+            {"value": _compact(rest)},
+        ]
+
+    def to_recipe(self, genome: Mapping[str, float]) -> MergeRecipe:
+        missing = [k for k in self.distributions() if k not in genome]
+        if missing:
+            raise ConfigError(f"genome is missing gene {missing[0]!r}")
+        models = [
+            {
+                "model": path,
+                "parameters": {p.name: self._param_value(genome, alias, p.name) for p in self.config.params},
+            }
+            for alias, path in zip(self.aliases, self.experts, strict=True)
+        ]
+        return MergeRecipe.model_validate(
+            {
+                "merge_method": self.config.method,
+                "base_model": self.base_model,
+                "models": models,
+                "parameters": dict(self.config.global_parameters),
+                "dtype": self.config.dtype,
+                "seed": self.config.seed,
+            }
+        )
+
+
+def _compact(values: list[float]) -> float | list[float]:
+    """A list whose entries are all equal becomes a scalar (easier to read in exported recipes)."""
+    rounded = [round(v, 6) for v in values]
+    if all(v == rounded[0] for v in rounded):
+        return rounded[0]
+    return rounded

@@ -1,0 +1,338 @@
+"""Build the local expert zoo: a tiny Llama base and one fine-tuned expert per task family.
+
+``build_zoo`` trains, with fixed seeds, a base model on a mix of all task families, then fine-tunes one
+expert per family from that base. Everything lands in ``<cache>/<name>-<config hash>/``:
+
+```
+zoo.json                       manifest (config, paths, task configs, build seconds)
+base/                          HF model directory (safetensors + tokenizer)
+experts/<family>/              HF model directories
+data/<family>.{train,dev,test}.jsonl
+```
+
+The directory is written under a temporary name and renamed when complete, so an interrupted build
+never leaves a half zoo behind; a finished zoo with the same config hash is reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from evomerge.errors import ConfigError
+from evomerge.evaluators import TaskConfig
+from evomerge.zoo.tasks import TASK_FAMILIES, generate, write_jsonl
+from evomerge.zoo.tokenizer import train_tokenizer
+
+PROMPT = "Q: {question}\nA:"
+Progress = Callable[[str, int, int], None]
+
+
+class ZooConfig(BaseModel):
+    """Everything that determines the zoo's bytes; its hash names the cache directory."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "tiny"
+    seed: int = 0
+    families: tuple[str, ...] = ("arith", "code", "logic")
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 2
+    intermediate_size: int = 192
+    vocab_size: int = 384
+    n_train: int = 5000
+    n_dev: int = 200
+    n_test: int = 300
+    base_steps: int = 600
+    expert_steps: int = 400
+    batch_size: int = 64
+    base_lr: float = 2e-3
+    expert_lr: float = 1e-3
+    dev_size: int = Field(default=100, ge=1)
+    test_size: int = Field(default=300, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ZooConfig:
+        for fam in self.families:
+            if fam not in TASK_FAMILIES:
+                raise ValueError(f"families: unknown task family {fam!r} (known: {', '.join(TASK_FAMILIES)})")
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 32:
+            raise ValueError("hidden_size / num_heads must be an integer >= 32 (vLLM needs head_dim >= 32)")
+        if self.dev_size > self.n_dev or self.test_size > self.n_test:
+            raise ValueError("dev_size/test_size cannot exceed n_dev/n_test")
+        return self
+
+    def digest(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+PRESETS: dict[str, ZooConfig] = {
+    "tiny": ZooConfig(),
+    # A very small zoo for tests: same shapes of everything, a fraction of the training.
+    "micro": ZooConfig(
+        name="micro",
+        num_layers=2,
+        n_train=1500,
+        n_dev=40,
+        n_test=40,
+        base_steps=60,
+        expert_steps=40,
+        batch_size=32,
+        dev_size=24,
+        test_size=40,
+    ),
+}
+
+
+class Zoo(BaseModel):
+    """The manifest of a built zoo (``zoo.json``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: ZooConfig
+    root: str
+    base: str
+    experts: dict[str, str]
+    tasks: tuple[TaskConfig, ...]
+    build_seconds: float
+
+    @classmethod
+    def load(cls, root: Path) -> Zoo:
+        data = json.loads((root / "zoo.json").read_text())
+        data["root"] = str(root)
+        data["base"] = str(root / "base")
+        data["experts"] = {k: str(root / "experts" / k) for k in data["experts"]}
+        return cls.model_validate(data)
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("EVOMERGE_HOME", Path.home() / ".cache" / "evomerge")) / "zoo"
+
+
+def resolve_config(spec: str | ZooConfig) -> ZooConfig:
+    """A preset name or a YAML file path -> ZooConfig."""
+    if isinstance(spec, ZooConfig):
+        return spec
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"zoo: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    import yaml
+
+    from evomerge.config_util import validate_model
+
+    return validate_model(ZooConfig, yaml.safe_load(path.read_text()) or {}, where=str(path))
+
+
+def zoo_dir(config: ZooConfig, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or default_cache_dir()) / f"{config.name}-{config.digest()}"
+
+
+def find_zoo(config: ZooConfig, cache_dir: Path | None = None) -> Zoo | None:
+    root = zoo_dir(config, cache_dir)
+    return Zoo.load(root) if (root / "zoo.json").is_file() else None
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+
+def _encode(tok: PreTrainedTokenizerFast, q: str, a: str) -> tuple[list[int], list[int]]:
+    prompt = tok(PROMPT.format(question=q)).input_ids
+    full = tok(PROMPT.format(question=q) + f" {a}\n").input_ids + [tok.eos_token_id]
+    # Loss on the answer only (SFT style): the prompt's labels are masked.
+    return full, [-100] * len(prompt) + full[len(prompt) :]
+
+
+def _batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lab_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    att_t = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        ids_t[i, : len(ids)] = torch.tensor(ids)
+        lab_t[i, : len(labels)] = torch.tensor(labels)
+        att_t[i, : len(ids)] = 1
+    return {"input_ids": ids_t, "attention_mask": att_t, "labels": lab_t}
+
+
+def train(
+    model: LlamaForCausalLM,
+    rows: Sequence[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """AdamW with linear warm-up and cosine decay; returns the mean loss of the last 10% of steps."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    warmup = max(1, steps // 20)
+    tail: list[float] = []
+    for step in range(steps):
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        batch = _batch(rng.sample(list(rows), batch_size) if len(rows) > batch_size else rows, pad_id)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step >= steps * 0.9:
+            tail.append(float(loss))
+        if on_step is not None:
+            on_step(step, float(loss))
+    model.eval()
+    return sum(tail) / max(1, len(tail))
+
+
+def _save_model(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path) -> None:
+    model.generation_config.do_sample = False
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def build_zoo(
+    spec: str | ZooConfig = "tiny",
+    cache_dir: Path | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Zoo:
+    """Build (or reuse) the zoo described by ``spec``; returns its manifest."""
+    config = resolve_config(spec)
+    root = zoo_dir(config, cache_dir)
+    if not force and (existing := find_zoo(config, cache_dir)) is not None:
+        return existing
+    root.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        _build_into(config, tmp, progress)
+        manifest: dict[str, Any] = {
+            "config": config.model_dump(mode="json"),
+            "experts": {fam: f"experts/{fam}" for fam in config.families},
+            "tasks": [t.model_dump(mode="json") for t in _task_configs(config, root)],
+            "build_seconds": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Zoo.load(root)
+
+
+def _task_configs(config: ZooConfig, root: Path) -> list[TaskConfig]:
+    return [
+        TaskConfig(
+            name=fam,
+            kind="exact_match",
+            data_files={"dev": str(root / "data" / f"{fam}.dev.jsonl"), "test": str(root / "data" / f"{fam}.test.jsonl")},
+            prompt_template=PROMPT,
+            max_new_tokens=6,
+            stop=["\n"],
+            dev_size=config.dev_size,
+            test_size=config.test_size,
+            seed=config.seed,
+        )
+        for fam in config.families
+    ]
+
+
+def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None:
+    # 1. data: disjoint train/dev/test per family.
+    splits: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    for fam in config.families:
+        test = generate(fam, config.n_test, seed=config.seed * 1000 + 1)
+        dev = generate(fam, config.n_dev, seed=config.seed * 1000 + 2, exclude={q for q, _ in test})
+        held = {q for q, _ in test + dev}
+        train_ex = generate(fam, config.n_train, seed=config.seed * 1000 + 3, exclude=held)
+        splits[fam] = {"train": train_ex, "dev": dev, "test": test}
+        for split, exs in splits[fam].items():
+            write_jsonl(out / "data" / f"{fam}.{split}.jsonl", fam, exs)
+
+    # 2. tokenizer, trained on the training text only.
+    texts = [PROMPT.format(question=q) + f" {a}\n" for fam in config.families for q, a in splits[fam]["train"]]
+    tok = train_tokenizer(texts, vocab_size=config.vocab_size)
+    encoded = {fam: [_encode(tok, q, a) for q, a in splits[fam]["train"]] for fam in config.families}
+    pad_id = int(tok.pad_token_id)
+
+    # 3. base on the mix, then one expert per family.
+    torch.manual_seed(config.seed)
+    llama = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    base = LlamaForCausalLM(llama)
+    total = config.base_steps + config.expert_steps * len(config.families)
+    done = 0
+
+    def stepper(label: str) -> Callable[[int, float], None]:
+        def on_step(step: int, loss: float) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(f"{label} loss {loss:.3f}", done, total)
+
+        return on_step
+
+    mix = [row for fam in config.families for row in encoded[fam]]
+    train(
+        base,
+        mix,
+        steps=config.base_steps,
+        lr=config.base_lr,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        pad_id=pad_id,
+        on_step=stepper("base"),
+    )
+    _save_model(base, tok, out / "base")
+    for i, fam in enumerate(config.families):
+        expert = copy.deepcopy(base)
+        train(
+            expert,
+            encoded[fam],
+            steps=config.expert_steps,
+            lr=config.expert_lr,
+            batch_size=config.batch_size,
+            seed=config.seed + 1 + i,
+            pad_id=pad_id,
+            on_step=stepper(f"expert {fam}"),
+        )
+        _save_model(expert, tok, out / "experts" / fam)

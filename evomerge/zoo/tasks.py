@@ -1,0 +1,114 @@
+"""Synthetic reasoning task families for the local expert zoo.
+
+Each family is a generator of (question, answer) pairs drawn from a seeded ``random.Random``. The
+families are deliberately different skills, so that an expert fine-tuned on one is clearly better at it
+than the others, while sharing one prompt format (``Q: ...\\nA: ...``) so that merging is meaningful:
+
+- ``arith``: multi-step arithmetic word problems (keep a running count through 2-3 events).
+- ``code``: evaluate a short Python snippet over a list (indexing, len, max, min, sum, sorted).
+- ``logic``: evaluate a boolean expression with and/or/not over named variables.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+Example = tuple[str, str]
+Generator = Callable[[random.Random], Example]
+
+_NAMES = ["Ana", "Ben", "Cai", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jon"]
+_ITEMS = ["apples", "books", "coins", "pens", "cards", "shells"]
+
+
+def gen_arith(rng: random.Random) -> Example:
+    """A running count through 2-3 gain/loss events; the answer stays in 0..99."""
+    name = rng.choice(_NAMES)
+    item = rng.choice(_ITEMS)
+    total = rng.randint(2, 30)
+    parts = [f"{name} has {total} {item}."]
+    for _ in range(rng.randint(2, 3)):
+        if total > 3 and rng.random() < 0.5:
+            k = rng.randint(1, min(total - 1, 15))
+            parts.append(f"{rng.choice(['Gives', 'Loses', 'Sells'])} {k}.")
+            total -= k
+        elif total < 40 and rng.random() < 0.3:
+            parts.append("Doubles them.")
+            total *= 2
+        else:
+            k = rng.randint(1, 15)
+            parts.append(f"{rng.choice(['Gets', 'Finds', 'Buys'])} {k}.")
+            total += k
+    parts.append("How many now?")
+    return " ".join(parts), str(total)
+
+
+def gen_code(rng: random.Random) -> Example:
+    """What a one-line Python expression over a short list prints."""
+    xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+    ops: list[tuple[str, Callable[[list[int]], object]]] = [
+        ("len(x)", len),
+        ("max(x)", max),
+        ("min(x)", min),
+        ("sum(x)", sum),
+        ("x[0]", lambda v: v[0]),
+        ("x[-1]", lambda v: v[-1]),
+        ("x[1]", lambda v: v[1]),
+        ("sorted(x)[0]", lambda v: sorted(v)[0]),
+        ("sorted(x)[-1]", lambda v: sorted(v)[-1]),
+        ("x.count(x[0])", lambda v: v.count(v[0])),
+    ]
+    expr, fn = rng.choice(ops)
+    lst = "[" + ",".join(str(v) for v in xs) + "]"
+    return f"x = {lst}; print({expr})", str(fn(xs))
+
+
+def gen_logic(rng: random.Random) -> Example:
+    """The value of a boolean expression over 2-3 named variables."""
+    names = rng.sample(["p", "q", "r", "s"], k=3)
+    values = {n: rng.random() < 0.5 for n in names}
+    assign = ", ".join(f"{n}={'T' if v else 'F'}" for n, v in values.items())
+
+    def term() -> tuple[str, bool]:
+        n = rng.choice(names)
+        if rng.random() < 0.35:
+            return f"not {n}", not values[n]
+        return n, values[n]
+
+    text, val = term()
+    for _ in range(rng.randint(1, 2)):
+        op = rng.choice(["and", "or"])
+        t2, v2 = term()
+        text, val = f"({text} {op} {t2})", (val and v2) if op == "and" else (val or v2)
+    return f"{assign}. {text[1:-1] if text.startswith('(') else text}?", "T" if val else "F"
+
+
+TASK_FAMILIES: dict[str, Generator] = {"arith": gen_arith, "code": gen_code, "logic": gen_logic}
+
+
+def generate(family: str, n: int, seed: int, exclude: set[str] | None = None) -> list[Example]:
+    """``n`` distinct examples of a family (questions in ``exclude`` are skipped: no split leakage)."""
+    gen = TASK_FAMILIES[family]
+    rng = random.Random(f"{family}:{seed}")
+    seen = set(exclude or ())
+    out: list[Example] = []
+    attempts = 0
+    while len(out) < n:
+        q, a = gen(rng)
+        attempts += 1
+        if q in seen:
+            if attempts > 50 * n:
+                raise RuntimeError(f"task family {family!r} cannot produce {n} distinct examples")
+            continue
+        seen.add(q)
+        out.append((q, a))
+    return out
+
+
+def write_jsonl(path: Path, family: str, examples: Iterable[Example]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i, (q, a) in enumerate(examples):
+            f.write(json.dumps({"id": f"{family}-{i}", "question": q, "answer": a}) + "\n")
