@@ -165,9 +165,7 @@ class SearchSpace:
         if self.config.granularity == "global":
             return [genome[self.gene_name(alias, param, part, 0)]]
         size = 1 if self.config.granularity == "layer" else self.config.group_size
-        return [
-            genome[self.gene_name(alias, param, part, layer // size)] for layer in range(self.num_layers)
-        ]
+        return [genome[self.gene_name(alias, param, part, layer // size)] for layer in range(self.num_layers)]
 
     def _param_value(self, genome: Mapping[str, float], alias: str, param: str) -> Any:
         if not self.config.split_attn_mlp:

@@ -57,11 +57,11 @@ class ZooConfig(BaseModel):
     n_train: int = 5000
     n_dev: int = 200
     n_test: int = 300
-    base_steps: int = 600
-    expert_steps: int = 400
+    base_steps: int = 400
+    expert_steps: int = 500
     batch_size: int = 64
     base_lr: float = 2e-3
-    expert_lr: float = 1e-3
+    expert_lr: float = 1.5e-3
     dev_size: int = Field(default=100, ge=1)
     test_size: int = Field(default=300, ge=1)
 
@@ -156,7 +156,7 @@ def find_zoo(config: ZooConfig, cache_dir: Path | None = None) -> Zoo | None:
 
 def _encode(tok: PreTrainedTokenizerFast, q: str, a: str) -> tuple[list[int], list[int]]:
     prompt = tok(PROMPT.format(question=q)).input_ids
-    full = tok(PROMPT.format(question=q) + f" {a}\n").input_ids + [tok.eos_token_id]
+    full = [*tok(PROMPT.format(question=q) + f" {a}\n").input_ids, tok.eos_token_id]
     # Loss on the answer only (SFT style): the prompt's labels are masked.
     return full, [-100] * len(prompt) + full[len(prompt) :]
 
@@ -202,10 +202,10 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step >= steps * 0.9:
-            tail.append(float(loss))
+            tail.append(loss.item())
         if on_step is not None:
-            on_step(step, float(loss))
-    model.eval()
+            on_step(step, loss.item())
+    model.eval()  # type: ignore[no-untyped-call]
     return sum(tail) / max(1, len(tail))
 
 
@@ -253,7 +253,10 @@ def _task_configs(config: ZooConfig, root: Path) -> list[TaskConfig]:
         TaskConfig(
             name=fam,
             kind="exact_match",
-            data_files={"dev": str(root / "data" / f"{fam}.dev.jsonl"), "test": str(root / "data" / f"{fam}.test.jsonl")},
+            data_files={
+                "dev": str(root / "data" / f"{fam}.dev.jsonl"),
+                "test": str(root / "data" / f"{fam}.test.jsonl"),
+            },
             prompt_template=PROMPT,
             max_new_tokens=6,
             stop=["\n"],
@@ -278,7 +281,9 @@ def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None
             write_jsonl(out / "data" / f"{fam}.{split}.jsonl", fam, exs)
 
     # 2. tokenizer, trained on the training text only.
-    texts = [PROMPT.format(question=q) + f" {a}\n" for fam in config.families for q, a in splits[fam]["train"]]
+    texts = [
+        PROMPT.format(question=q) + f" {a}\n" for fam in config.families for q, a in splits[fam]["train"]
+    ]
     tok = train_tokenizer(texts, vocab_size=config.vocab_size)
     encoded = {fam: [_encode(tok, q, a) for q, a in splits[fam]["train"]] for fam in config.families}
     pad_id = int(tok.pad_token_id)

@@ -4,9 +4,9 @@ Each family is a generator of (question, answer) pairs drawn from a seeded ``ran
 families are deliberately different skills, so that an expert fine-tuned on one is clearly better at it
 than the others, while sharing one prompt format (``Q: ...\\nA: ...``) so that merging is meaningful:
 
-- ``arith``: multi-step arithmetic word problems (keep a running count through 2-3 events).
+- ``arith``: two-step arithmetic word problems (keep a running count through two events).
 - ``code``: evaluate a short Python snippet over a list (indexing, len, max, min, sum, sorted).
-- ``logic``: evaluate a boolean expression with and/or/not over named variables.
+- ``logic``: evaluate two boolean expressions with and/or/not over named variables.
 """
 
 from __future__ import annotations
@@ -24,21 +24,18 @@ _ITEMS = ["apples", "books", "coins", "pens", "cards", "shells"]
 
 
 def gen_arith(rng: random.Random) -> Example:
-    """A running count through 2-3 gain/loss events; the answer stays in 0..99."""
+    """A running count through two gain/loss events with single-digit amounts (answer in 0..27)."""
     name = rng.choice(_NAMES)
     item = rng.choice(_ITEMS)
-    total = rng.randint(2, 30)
+    total = rng.randint(1, 9)
     parts = [f"{name} has {total} {item}."]
-    for _ in range(rng.randint(2, 3)):
-        if total > 3 and rng.random() < 0.5:
-            k = rng.randint(1, min(total - 1, 15))
+    for _ in range(2):
+        if total > 1 and rng.random() < 0.5:
+            k = rng.randint(1, min(total, 9))
             parts.append(f"{rng.choice(['Gives', 'Loses', 'Sells'])} {k}.")
             total -= k
-        elif total < 40 and rng.random() < 0.3:
-            parts.append("Doubles them.")
-            total *= 2
         else:
-            k = rng.randint(1, 15)
+            k = rng.randint(1, 9)
             parts.append(f"{rng.choice(['Gets', 'Finds', 'Buys'])} {k}.")
             total += k
     parts.append("How many now?")
@@ -66,7 +63,7 @@ def gen_code(rng: random.Random) -> Example:
 
 
 def gen_logic(rng: random.Random) -> Example:
-    """The value of a boolean expression over 2-3 named variables."""
+    """The values of two boolean expressions over three named variables, e.g. ``T F``."""
     names = rng.sample(["p", "q", "r", "s"], k=3)
     values = {n: rng.random() < 0.5 for n in names}
     assign = ", ".join(f"{n}={'T' if v else 'F'}" for n, v in values.items())
@@ -77,12 +74,13 @@ def gen_logic(rng: random.Random) -> Example:
             return f"not {n}", not values[n]
         return n, values[n]
 
-    text, val = term()
-    for _ in range(rng.randint(1, 2)):
+    def expr() -> tuple[str, bool]:
+        (t1, v1), (t2, v2) = term(), term()
         op = rng.choice(["and", "or"])
-        t2, v2 = term()
-        text, val = f"({text} {op} {t2})", (val and v2) if op == "and" else (val or v2)
-    return f"{assign}. {text[1:-1] if text.startswith('(') else text}?", "T" if val else "F"
+        return f"{t1} {op} {t2}", (v1 and v2) if op == "and" else (v1 or v2)
+
+    (e1, v1), (e2, v2) = expr(), expr()
+    return f"{assign}. {e1}; {e2}?", f"{'T' if v1 else 'F'} {'T' if v2 else 'F'}"
 
 
 TASK_FAMILIES: dict[str, Generator] = {"arith": gen_arith, "code": gen_code, "logic": gen_logic}

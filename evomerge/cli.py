@@ -1,0 +1,323 @@
+"""``evomerge``: the command line. User errors print one line and exit 2; nothing imports this module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.syntax import Syntax
+from rich.table import Table
+
+from evomerge.errors import ConfigError, EvomergeError
+
+app = typer.Typer(
+    name="evomerge",
+    help="Search merge recipes for LLMs: merge, evaluate, search, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="The small local expert zoo.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar; yields ``update(label, done, total)``."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[label]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=None, label="")
+
+        def update(label: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, label=label)
+
+        yield update
+
+
+# -- zoo ------------------------------------------------------------------------------------------
+
+
+@zoo_app.command("build")
+def zoo_build(
+    preset: Annotated[str, typer.Option(help="A zoo preset (tiny, micro) or a zoo YAML file.")] = "tiny",
+    cache_dir: Annotated[Path | None, typer.Option(help="Where zoos are cached.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+) -> None:
+    """Train the tiny base model and one expert per task family (cached by config hash)."""
+    from evomerge.zoo import build_zoo, find_zoo, resolve_config
+
+    config = resolve_config(preset)
+    cached = None if force else find_zoo(config, cache_dir)
+    if cached is not None:
+        console.print(f"zoo {config.name} is cached at {cached.root}")
+        return
+    with progress_bar(f"building zoo {config.name}") as update:
+        zoo = build_zoo(config, cache_dir, force=force, progress=update)
+    console.print(f"zoo {config.name} built in {zoo.build_seconds:.0f} s at {zoo.root}")
+
+
+# -- merge ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML (evomerge or mergekit format).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output model directory.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace the output directory if it exists.")] = False,
+    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 2GB, 500MB.")] = "2GB",
+) -> None:
+    """Merge models by a recipe, streaming tensor by tensor to OUTPUT."""
+    from evomerge.merging import MergeRecipe, merge_streaming
+
+    if output.exists() and not overwrite:
+        raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it")
+    parsed = MergeRecipe.from_yaml(recipe)
+    with progress_bar("merging") as update:
+        merge_streaming(
+            parsed,
+            output,
+            overwrite=overwrite,
+            max_shard_bytes=_parse_size(shard_size),
+            progress=lambda done, total, name: update(name, done, total),
+        )
+    console.print(f"merged model written to {output}")
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num) :]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"--shard-size: cannot read {text!r} (examples: 2GB, 500MB)") from None
+    if value < 1:
+        raise ConfigError(f"--shard-size: must be positive, got {text!r}")
+    return int(value)
+
+
+# -- eval -----------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A Hugging Face model directory (safetensors).")],
+    tasks: Annotated[str, typer.Option(help="A tasks YAML (list of task configs) or a zoo preset.")] = "tiny",
+    split: Annotated[str, typer.Option(help="dev or test.")] = "dev",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
+) -> None:
+    """Score a model on tasks (greedy generation, exact match)."""
+    from evomerge.evaluators import HFBackend, evaluate
+
+    if split not in ("dev", "test"):
+        raise ConfigError(f"--split must be dev or test, got {split!r}")
+    task_list, base_dir = _load_tasks(tasks)
+    from evomerge.checkpoints import ModelDir
+
+    ModelDir(model).close()  # clear errors for a missing dir or pickle-only weights
+    backend = HFBackend.from_pretrained(model, device=device, batch_size=batch_size)
+    with progress_bar(f"evaluating ({split})") as update:
+        result = evaluate(backend, task_list, split, base_dir, progress=lambda d, t: update("", d, t))  # type: ignore[arg-type]
+    table = Table(title=f"{model} ({split} split)")
+    table.add_column("task")
+    table.add_column("score", justify="right")
+    table.add_column("n", justify="right")
+    for name, r in result.tasks.items():
+        table.add_row(name, f"{r.score:.3f}", str(r.n))
+    table.add_row("[bold]mean", f"[bold]{result.mean:.3f}", "")
+    console.print(table)
+
+
+def _load_tasks(spec: str) -> tuple[list[Any], str]:
+    from evomerge.config_util import load_yaml, validate_model
+    from evomerge.evaluators import TaskConfig
+    from evomerge.zoo import PRESETS, build_zoo
+
+    if spec in PRESETS:
+        zoo = build_zoo(spec)
+        return list(zoo.tasks), zoo.root
+    data = load_yaml(spec)
+    items = data.get("tasks") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{spec}: expected a list of task configs (or a mapping with 'tasks')")
+    tasks = [validate_model(TaskConfig, item, where=f"{spec}: tasks[{i}]") for i, item in enumerate(items)]
+    return tasks, str(Path(spec).resolve().parent)
+
+
+# -- search ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="A sweep YAML (see experiments/).")],
+    n_trials: Annotated[int | None, typer.Option(help="Override the number of complete trials.")] = None,
+    report: Annotated[bool, typer.Option(help="Evaluate on the test split and write report.md.")] = True,
+) -> None:
+    """Run (or continue) a sweep; then compare the best recipe on the test split and export it."""
+    from evomerge.optimizer import LocalEvaluator, final_report, load_sweep_config, resolve_sweep, run_search
+    from evomerge.optimizer.study import complete_trials, pareto_front
+
+    overrides: dict[str, Any] = {} if n_trials is None else {"n_trials": n_trials}
+    cfg = load_sweep_config(config, overrides)
+    with progress_bar("zoo") as zoo_update:
+        sweep = resolve_sweep(cfg, zoo_progress=zoo_update)
+    console.print(
+        f"study [bold]{cfg.study_name}[/] · {len(sweep.experts)} experts · {len(sweep.tasks)} tasks · "
+        f"sampler {cfg.sampler.name} · storage {cfg.storage_url()}"
+    )
+    evaluator = LocalEvaluator(sweep)
+    best = {"mean": -1.0}
+    with progress_bar("search") as update:
+
+        def on_trial(done: int, total: int, outcome: Any) -> None:
+            if outcome.mean is not None and outcome.mean > best["mean"]:
+                best["mean"] = outcome.mean
+            label = f"trial {outcome.number} {outcome.state.lower()}"
+            label += f" · dev mean {outcome.mean:.3f}" if outcome.mean is not None else f" · {outcome.error}"
+            update(f"{label} · best {best['mean']:.3f}", done, total)
+
+        study = run_search(sweep, evaluator, on_trial=on_trial)
+    tasks = [t.name for t in sweep.tasks]
+    front = pareto_front(complete_trials(study), tasks)
+    console.print(
+        _rows_table(
+            "Pareto front (dev split)",
+            tasks,
+            [(f"trial {t.number}", t.user_attrs["scores"], t.user_attrs["mean"]) for t in front],
+        )
+    )
+    if not report:
+        return
+    with progress_bar("report") as update:
+        final = final_report(
+            sweep,
+            evaluator,
+            study,
+            progress=update,
+            materialize_progress=lambda d, t, name: update(f"materialize {name}", d, t),
+        )
+    console.print(f"[bold]Best recipe[/] (trial {final.best_number}, dev mean {final.best_dev.mean:.3f}):")
+    console.print(Syntax(final.best_recipe.to_yaml(), "yaml"))
+    console.print(_rows_table("Held-out test split", tasks, [(r.name, r.scores, r.mean) for r in final.test]))
+    for key, path in final.paths.items():
+        console.print(f"{key}: {path}")
+
+
+def _rows_table(
+    title: str, tasks: Sequence[str], rows: Sequence[tuple[str, dict[str, float], float]]
+) -> Table:
+    table = Table(title=title)
+    table.add_column("")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    table.add_column("mean", justify="right")
+    for name, scores, mean in rows:
+        table.add_row(name, *(f"{scores[t]:.3f}" for t in tasks), f"{mean:.3f}")
+    return table
+
+
+# -- export / dashboard -----------------------------------------------------------------------------
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A sweep's run directory (runs/<study>).")],
+    trial: Annotated[int | None, typer.Option(help="Trial number (default: the best).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Recipe YAML to write.")] = None,
+    materialize: Annotated[
+        Path | None, typer.Option(help="Also merge the recipe into this directory.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+) -> None:
+    """Write a trial's recipe (the best by default) as YAML, optionally merging it."""
+    from evomerge.optimizer import export_trial, load_run, load_study
+
+    info = load_run(run_dir)
+    study = load_study(info.storage, info.study_name)
+    out = output or run_dir / "exported_recipe.yaml"
+    if materialize is not None:
+        with progress_bar("merging") as update:
+            chosen, _ = export_trial(
+                study,
+                out,
+                trial=trial,
+                materialize=materialize,
+                overwrite=overwrite,
+                progress=lambda d, t, name: update(name, d, t),
+            )
+    else:
+        chosen, _ = export_trial(study, out, trial=trial, overwrite=overwrite)
+    console.print(f"trial {chosen.number} (dev mean {chosen.user_attrs['mean']:.4f}) written to {out}")
+    if materialize is not None:
+        console.print(f"merged model written to {materialize}")
+
+
+@app.command()
+def dashboard(
+    run_dir: Annotated[Path | None, typer.Argument(help="A sweep's run directory.")] = None,
+    storage: Annotated[str | None, typer.Option(help="An Optuna storage URL instead of RUN_DIR.")] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+) -> None:
+    """Start optuna-dashboard for the study's storage on 127.0.0.1."""
+    from evomerge.optimizer import load_run
+
+    if storage is None:
+        if run_dir is None:
+            raise ConfigError("give a run directory or --storage")
+        storage = load_run(run_dir).storage
+    exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
+    if not Path(exe).exists():
+        raise ConfigError("optuna-dashboard is not installed (pip install optuna-dashboard)")
+    console.print(f"optuna-dashboard on http://127.0.0.1:{port} for {storage} (Ctrl-C stops it)")
+    raise typer.Exit(subprocess.call([exe, storage, "--host", "127.0.0.1", "--port", str(port)]))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: one clear line and exit code 2 for user errors, never a traceback for them."""
+    try:
+        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except EvomergeError as err:
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as ex:
+        sys.exit(ex.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(2 if err.exit_code in (1, 2) else err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as err:
+        if os.environ.get("EVOMERGE_DEBUG"):
+            raise
+        err_console.print(
+            f"[red]internal error:[/] {type(err).__name__}: {err} (set EVOMERGE_DEBUG=1 for a traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

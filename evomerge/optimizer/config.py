@@ -1,0 +1,105 @@
+"""The sweep configuration (``evomerge search CONFIG``): models, tasks, search space, sampler, budget."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evomerge.config_util import load_yaml, validate_model
+from evomerge.errors import ConfigError
+from evomerge.evaluators import TaskConfig
+from evomerge.search_spaces import SearchSpaceConfig
+
+SamplerName = Literal["tpe", "cmaes", "nsga2", "random"]
+_STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ModelsConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: str
+    experts: tuple[str, ...] = Field(min_length=1)
+
+
+class SamplerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: SamplerName = "cmaes"
+    seed: int = 0
+    n_startup_trials: int | None = Field(default=None, ge=0)
+    population_size: int | None = Field(default=None, ge=2)
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["hf"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(default=64, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+
+
+class SweepConfig(BaseModel):
+    """One sweep. Either ``zoo`` (a zoo preset or zoo YAML that provides models and tasks) or both
+    ``models`` and ``tasks`` must be given."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    study_name: str
+    storage: str | None = None
+    runs_dir: str = "runs"
+    zoo: str | None = None
+    models: ModelsConfig | None = None
+    tasks: tuple[TaskConfig, ...] = ()
+    data_dir: str | None = None
+    search_space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    n_trials: int = Field(default=30, ge=1)
+    # Known-good starting points, enqueued before the sampler takes over: a value per searched
+    # parameter, the same for all layers (a scalar for all experts or a list with one per expert).
+    seed_genomes: tuple[dict[str, float | list[float]], ...] = ()
+    # Weights of the uniform task-arithmetic baselines in the final report; 0 stands for 1/N.
+    baseline_weights: tuple[float, ...] = (0.0, 1.0)
+    materialize_best: bool = True
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        if not _STUDY_RE.match(self.study_name):
+            raise ValueError(f"study_name: {self.study_name!r} must be letters, digits, '_', '-' or '.'")
+        if self.zoo is None and (self.models is None or not self.tasks):
+            raise ValueError("give either 'zoo' or both 'models' and 'tasks'")
+        if self.zoo is not None and self.models is not None:
+            raise ValueError("give 'zoo' or 'models', not both")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: duplicate task name in {names}")
+        return self
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.sampler.name == "nsga2"
+
+    def run_dir(self) -> Path:
+        return (Path(self.runs_dir) / self.study_name).resolve()
+
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        # Four slashes: an absolute path, so the URL means the same from any working directory.
+        return f"sqlite:///{self.run_dir() / 'study.db'}"
+
+
+def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read a sweep YAML; relative paths in it are taken relative to the YAML's folder."""
+    p = Path(path)
+    data = load_yaml(p)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a sweep config must be a YAML mapping")
+    data.update(overrides or {})
+    data.setdefault("data_dir", str(p.resolve().parent))
+    return validate_model(SweepConfig, data, where=str(p))

@@ -1,0 +1,101 @@
+"""Export a trial's recipe from a study (YAML), and optionally materialize the merged model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.errors import ConfigError, OutputExistsError
+from evomerge.merging import MergeRecipe, merge_streaming
+from evomerge.optimizer.study import best_trial
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What ``runs/<study>/sweep.json`` records about a sweep."""
+
+    run_dir: Path
+    study_name: str
+    storage: str
+    data: dict[str, Any]
+
+
+def load_run(run_dir: str | Path) -> RunInfo:
+    root = Path(run_dir)
+    meta = root / "sweep.json"
+    if not meta.is_file():
+        raise ConfigError(f"{root} is not a sweep run directory (no sweep.json); run 'evomerge search' first")
+    data = json.loads(meta.read_text())
+    return RunInfo(root, data["config"]["study_name"], data["storage"], data)
+
+
+def load_study(storage: str, study_name: str) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"no study {study_name!r} in {storage}") from None
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    """The chosen trial (must be complete), or the best one."""
+    if number is None:
+        return best_trial(study)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not trials:
+        raise ConfigError(f"study {study.study_name!r} has no trial {number}")
+    if trials[0].state != TrialState.COMPLETE or "recipe" not in trials[0].user_attrs:
+        raise ConfigError(f"trial {number} is {trials[0].state.name}, not a complete trial with a recipe")
+    return trials[0]
+
+
+def trial_recipe(trial: FrozenTrial) -> MergeRecipe:
+    return MergeRecipe.model_validate(trial.user_attrs["recipe"])
+
+
+def write_text_atomic(path: Path, text: str, *, overwrite: bool = True) -> None:
+    """Write to a temporary sibling and rename: readers never see a half file."""
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_trial(
+    study: optuna.Study,
+    out: Path,
+    *,
+    trial: int | None = None,
+    materialize: Path | None = None,
+    overwrite: bool = False,
+    progress: Any = None,
+) -> tuple[FrozenTrial, MergeRecipe]:
+    """Write the trial's recipe to ``out`` (YAML); with ``materialize``, also merge it to that directory."""
+    chosen = pick_trial(study, trial)
+    recipe = trial_recipe(chosen)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    if materialize is not None and materialize.exists() and not overwrite:
+        raise OutputExistsError(f"{materialize} exists; pass --overwrite to replace it")
+    header = (
+        f"# evomerge: study {study.study_name}, trial {chosen.number}, "
+        f"dev mean {float(chosen.user_attrs['mean']):.4f}\n"
+    )
+    write_text_atomic(out, header + recipe.to_yaml(), overwrite=overwrite)
+    if materialize is not None:
+        merge_streaming(recipe, materialize, overwrite=overwrite, progress=progress)
+    return chosen, recipe
