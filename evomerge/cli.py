@@ -295,6 +295,8 @@ def dashboard(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: one clear line and exit code 2 for user errors, never a traceback for them."""
+    # Our own rich progress bars replace transformers' tqdm bars.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except EvomergeError as err:

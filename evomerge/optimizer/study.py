@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -53,7 +54,9 @@ def open_study(config: SweepConfig, task_names: Sequence[str]) -> optuna.Study:
         )
     names = list(task_names) if config.multi_objective else ["dev_mean"]
     if study.metric_names != names:
-        study.set_metric_names(names)  # optuna-dashboard labels objectives with these
+        with warnings.catch_warnings():  # experimental in optuna, stable in practice
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)  # optuna-dashboard labels objectives with these
     return study
 
 
