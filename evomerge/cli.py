@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 from rich.table import Table
@@ -68,11 +69,11 @@ def zoo_build(
     config = resolve_config(preset)
     cached = None if force else find_zoo(config, cache_dir)
     if cached is not None:
-        console.print(f"zoo {config.name} is cached at {cached.root}")
+        console.print(f"zoo {config.name} is cached at {escape(str(cached.root))}")
         return
     with progress_bar(f"building zoo {config.name}") as update:
         zoo = build_zoo(config, cache_dir, force=force, progress=update)
-    console.print(f"zoo {config.name} built in {zoo.build_seconds:.0f} s at {zoo.root}")
+    console.print(f"zoo {config.name} built in {zoo.build_seconds:.0f} s at {escape(str(zoo.root))}")
 
 
 # -- merge ----------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def merge(
             max_shard_bytes=_parse_size(shard_size),
             progress=lambda done, total, name: update(name, done, total),
         )
-    console.print(f"merged model written to {output}")
+    console.print(f"merged model written to {escape(str(output))}")
 
 
 def _parse_size(text: str) -> int:
@@ -132,10 +133,10 @@ def eval_cmd(
 
     if split not in ("dev", "test"):
         raise ConfigError(f"--split must be dev or test, got {split!r}")
-    task_list, base_dir = _load_tasks(tasks)
     from evomerge.checkpoints import ModelDir
 
-    ModelDir(model).close()  # clear errors for a missing dir or pickle-only weights
+    ModelDir(model).close()  # clear errors for a missing dir or pickle-only weights, before any work
+    task_list, base_dir = _load_tasks(tasks)
     backend = HFBackend.from_pretrained(model, device=device, batch_size=batch_size)
     with progress_bar(f"evaluating ({split})") as update:
         result = evaluate(backend, task_list, split, base_dir, progress=lambda d, t: update("", d, t))  # type: ignore[arg-type]
@@ -221,7 +222,7 @@ def search(
     console.print(Syntax(final.best_recipe.to_yaml(), "yaml"))
     console.print(_rows_table("Held-out test split", tasks, [(r.name, r.scores, r.mean) for r in final.test]))
     for key, path in final.paths.items():
-        console.print(f"{key}: {path}")
+        console.print(f"{key}: {escape(str(path))}")
 
 
 def _rows_table(
@@ -268,9 +269,11 @@ def export(
             )
     else:
         chosen, _ = export_trial(study, out, trial=trial, overwrite=overwrite)
-    console.print(f"trial {chosen.number} (dev mean {chosen.user_attrs['mean']:.4f}) written to {out}")
+    console.print(
+        f"trial {chosen.number} (dev mean {chosen.user_attrs['mean']:.4f}) written to {escape(str(out))}"
+    )
     if materialize is not None:
-        console.print(f"merged model written to {materialize}")
+        console.print(f"merged model written to {escape(str(materialize))}")
 
 
 @app.command()
@@ -289,7 +292,7 @@ def dashboard(
     exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
     if not Path(exe).exists():
         raise ConfigError("optuna-dashboard is not installed (pip install optuna-dashboard)")
-    console.print(f"optuna-dashboard on http://127.0.0.1:{port} for {storage} (Ctrl-C stops it)")
+    console.print(f"optuna-dashboard on http://127.0.0.1:{port} for {escape(str(storage))} (Ctrl-C stops it)")
     raise typer.Exit(subprocess.call([exe, storage, "--host", "127.0.0.1", "--port", str(port)]))
 
 
@@ -300,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except EvomergeError as err:
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as ex:
         sys.exit(ex.exit_code)
@@ -314,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("EVOMERGE_DEBUG"):
             raise
         err_console.print(
-            f"[red]internal error:[/] {type(err).__name__}: {err} (set EVOMERGE_DEBUG=1 for a traceback)",
+            f"[red]internal error:[/] {type(err).__name__}: {escape(str(err))} "
+            "(set EVOMERGE_DEBUG=1 for a traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -174,6 +174,7 @@ class ModelWriter:
 
     def _commit(self, tmp: Path) -> None:
         out = self._out
+        _make_readable(tmp)
         old: Path | None = None
         if out.exists() or out.is_symlink():
             if not self._overwrite:
@@ -217,3 +218,10 @@ class ModelWriter:
     ) -> None:
         if self._tmp is not None:
             self.abort()
+
+
+def _make_readable(root: Path) -> None:
+    """mkdtemp creates 0700: give the finished output the usual 0755 / 0644 modes."""
+    root.chmod(0o755)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)

@@ -19,7 +19,7 @@ import optuna
 import torch
 
 from evomerge.checkpoints import ModelDir
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, UserError
 from evomerge.evaluators import EvalResult, HFBackend, TaskConfig, evaluate
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.optimizer.config import SweepConfig
@@ -61,8 +61,9 @@ def resolve_sweep(
         from evomerge.zoo import build_zoo
 
         zoo = build_zoo(config.zoo, zoo_cache, progress=zoo_progress)
-        tasks = config.tasks or zoo.tasks
-        return ResolvedSweep(config, zoo.base, tuple(zoo.experts.values()), tuple(tasks), zoo.root)
+        if config.tasks:  # the sweep's own tasks: data paths relative to the sweep YAML
+            return ResolvedSweep(config, zoo.base, tuple(zoo.experts.values()), config.tasks, data_dir)
+        return ResolvedSweep(config, zoo.base, tuple(zoo.experts.values()), zoo.tasks, zoo.root)
     assert config.models is not None  # the config validator guarantees it
     root = Path(data_dir)
     base = (
@@ -194,7 +195,9 @@ def _run_trial(
         recipe = space.to_recipe(trial.params)
         trial.set_user_attr("recipe", recipe.to_dict())
         result, merge_s, eval_s = evaluator.score_recipe(recipe, "dev")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, UserError):
+        # An interrupt or a bad config (missing task data, unreadable model) stops the sweep with one
+        # clear line; the trial is recorded as failed and a rerun continues the study.
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     except Exception as err:  # failures are data: the trial fails, the sweep goes on

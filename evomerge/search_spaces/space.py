@@ -22,10 +22,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from optuna.distributions import BaseDistribution, FloatDistribution
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merging import MergeRecipe, get_method
+from evomerge.merging import MergeRecipe, get_method, param_domain
 
 Granularity = Literal["global", "layer_group", "layer"]
 _ALIAS_RE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -67,7 +67,7 @@ class SearchSpaceConfig(BaseModel):
     granularity: Granularity = "layer_group"
     group_size: int = Field(default=2, ge=1)
     split_attn_mlp: bool = False
-    global_parameters: dict[str, float] = Field(default_factory=dict)
+    global_parameters: dict[str, StrictBool | float] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
 
@@ -81,10 +81,13 @@ class SearchSpaceConfig(BaseModel):
             if n not in method.model_params:
                 known = ", ".join(sorted(method.model_params)) or "none"
                 raise ValueError(f"params: {self.method} has no per-model parameter {n!r} (known: {known})")
-        for n in self.global_parameters:
+        for n, v in self.global_parameters.items():
             if n not in method.global_params:
                 known = ", ".join(sorted(method.global_params)) or "none"
                 raise ValueError(f"global_parameters: {self.method} has no parameter {n!r} (known: {known})")
+            problem = param_domain(n).problem(v)
+            if problem is not None:
+                raise ValueError(f"global_parameters.{n}: {problem}")
         return self
 
 
@@ -153,6 +156,10 @@ class SearchSpace:
                 if p.name not in values:
                     raise ConfigError(f"seed recipe: no value for parameter {p.name!r}")
                 raw = values[p.name]
+                if not isinstance(raw, int | float) and len(raw) != len(self.aliases):
+                    raise ConfigError(
+                        f"seed recipe: {p.name} has {len(raw)} values for {len(self.aliases)} experts"
+                    )
                 v = float(raw) if isinstance(raw, int | float) else float(raw[i])
                 v = min(max(v, p.low), p.high)
                 for part in self.parts:

@@ -38,6 +38,8 @@ from evomerge.zoo.tasks import TASK_FAMILIES, generate, write_jsonl
 from evomerge.zoo.tokenizer import train_tokenizer
 
 PROMPT = "Q: {question}\nA:"
+# Bump when task generators, tokenizer or training change: cached zoos are then rebuilt.
+ZOO_VERSION = 1
 Progress = Callable[[str, int, int], None]
 
 
@@ -57,16 +59,19 @@ class ZooConfig(BaseModel):
     n_train: int = 5000
     n_dev: int = 200
     n_test: int = 300
-    base_steps: int = 400
-    expert_steps: int = 500
+    base_steps: int = 800
+    expert_steps: int = 400
     batch_size: int = 64
     base_lr: float = 2e-3
-    expert_lr: float = 1.5e-3
-    dev_size: int = Field(default=100, ge=1)
+    expert_lr: float = 3e-4
+    replay: float = Field(default=0.2, ge=0.0, lt=1.0)
+    dev_size: int = Field(default=200, ge=1)
     test_size: int = Field(default=300, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> ZooConfig:
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"families: duplicate family in {list(self.families)}")
         for fam in self.families:
             if fam not in TASK_FAMILIES:
                 raise ValueError(f"families: unknown task family {fam!r} (known: {', '.join(TASK_FAMILIES)})")
@@ -77,7 +82,9 @@ class ZooConfig(BaseModel):
         return self
 
     def digest(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Hash of the config and of the zoo code's version: a changed generator means a new zoo."""
+        data = {"config": self.model_dump(mode="json"), "zoo_version": ZOO_VERSION}
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -117,6 +124,9 @@ class Zoo(BaseModel):
         data["root"] = str(root)
         data["base"] = str(root / "base")
         data["experts"] = {k: str(root / "experts" / k) for k in data["experts"]}
+        # zoo.json keeps data paths relative to the zoo, so a zoo can move; here they become absolute.
+        for task in data["tasks"]:
+            task["data_files"] = {s: str(root / p) for s, p in task["data_files"].items()}
         return cls.model_validate(data)
 
 
@@ -191,11 +201,12 @@ def train(
     model.train()
     warmup = max(1, steps // 20)
     tail: list[float] = []
+    pool = list(rows)
     for step in range(steps):
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        batch = _batch(rng.sample(list(rows), batch_size) if len(rows) > batch_size else rows, pad_id)
+        batch = _batch(rng.sample(pool, batch_size) if len(pool) > batch_size else pool, pad_id)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -235,10 +246,12 @@ def build_zoo(
         manifest: dict[str, Any] = {
             "config": config.model_dump(mode="json"),
             "experts": {fam: f"experts/{fam}" for fam in config.families},
-            "tasks": [t.model_dump(mode="json") for t in _task_configs(config, root)],
+            "tasks": [t.model_dump(mode="json") for t in _task_configs(config)],
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp creates 0700
         if root.exists():
             shutil.rmtree(root)
         tmp.rename(root)
@@ -248,15 +261,13 @@ def build_zoo(
     return Zoo.load(root)
 
 
-def _task_configs(config: ZooConfig, root: Path) -> list[TaskConfig]:
+def _task_configs(config: ZooConfig) -> list[TaskConfig]:
+    """Task configs with data paths relative to the zoo root (so a zoo can be moved)."""
     return [
         TaskConfig(
             name=fam,
             kind="exact_match",
-            data_files={
-                "dev": str(root / "data" / f"{fam}.dev.jsonl"),
-                "test": str(root / "data" / f"{fam}.test.jsonl"),
-            },
+            data_files={"dev": f"data/{fam}.dev.jsonl", "test": f"data/{fam}.test.jsonl"},
             prompt_template=PROMPT,
             max_new_tokens=6,
             stop=["\n"],
@@ -330,9 +341,14 @@ def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None
     _save_model(base, tok, out / "base")
     for i, fam in enumerate(config.families):
         expert = copy.deepcopy(base)
+        # Replay: a share of the other families' data keeps the expert from forgetting them, as real
+        # fine-tunes of a large base mostly do; the task vector is then a specialisation, not a rewrite.
+        others = [row for f in config.families if f != fam for row in encoded[f]]
+        n_replay = min(len(others), round(len(encoded[fam]) * config.replay / (1 - config.replay)))
+        replay_rows = random.Random(config.seed + 100 + i).sample(others, n_replay)
         train(
             expert,
-            encoded[fam],
+            encoded[fam] + replay_rows,
             steps=config.expert_steps,
             lr=config.expert_lr,
             batch_size=config.batch_size,

@@ -6,7 +6,7 @@ than the others, while sharing one prompt format (``Q: ...\\nA: ...``) so that m
 
 - ``arith``: two-step arithmetic word problems (keep a running count through two events).
 - ``code``: evaluate a short Python snippet over a list (indexing, len, max, min, sum, sorted).
-- ``logic``: evaluate two boolean expressions with and/or/not over named variables.
+- ``logic``: transitive ordering puzzles (who is tallest/youngest given two comparisons).
 """
 
 from __future__ import annotations
@@ -62,25 +62,23 @@ def gen_code(rng: random.Random) -> Example:
     return f"x = {lst}; print({expr})", str(fn(xs))
 
 
+_COMPARATIVES = [
+    ("taller", "tallest", "shortest"),
+    ("older", "oldest", "youngest"),
+    ("faster", "fastest", "slowest"),
+]
+
+
 def gen_logic(rng: random.Random) -> Example:
-    """The values of two boolean expressions over three named variables, e.g. ``T F``."""
-    names = rng.sample(["p", "q", "r", "s"], k=3)
-    values = {n: rng.random() < 0.5 for n in names}
-    assign = ", ".join(f"{n}={'T' if v else 'F'}" for n, v in values.items())
-
-    def term() -> tuple[str, bool]:
-        n = rng.choice(names)
-        if rng.random() < 0.35:
-            return f"not {n}", not values[n]
-        return n, values[n]
-
-    def expr() -> tuple[str, bool]:
-        (t1, v1), (t2, v2) = term(), term()
-        op = rng.choice(["and", "or"])
-        return f"{t1} {op} {t2}", (v1 and v2) if op == "and" else (v1 or v2)
-
-    (e1, v1), (e2, v2) = expr(), expr()
-    return f"{assign}. {e1}; {e2}?", f"{'T' if v1 else 'F'} {'T' if v2 else 'F'}"
+    """Transitive ordering: two comparisons in random order, ask for the first or the last of three."""
+    a, b, c = rng.sample(_NAMES, 3)  # a > b > c
+    facts = [(a, b), (b, c)]
+    rng.shuffle(facts)
+    adj, top, bottom = rng.choice(_COMPARATIVES)
+    text = " ".join(f"{x} is {adj} than {y}." for x, y in facts)
+    if rng.random() < 0.5:
+        return f"{text} Who is {top}?", a
+    return f"{text} Who is {bottom}?", c
 
 
 TASK_FAMILIES: dict[str, Generator] = {"arith": gen_arith, "code": gen_code, "logic": gen_logic}
