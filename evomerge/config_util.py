@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,15 +14,39 @@ from evomerge.errors import ConfigError, EvomergeError
 M = TypeVar("M", bound=BaseModel)
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """The first problem of a pydantic error as ``field.path: message``."""
-    first = err.errors()[0]
-    loc = ""
-    for part in first.get("loc", ()):
-        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    extra = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
-    return f"{loc}: {msg}{extra}" if loc else f"{msg}{extra}"
+def _loc_to_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line naming the first problem of a pydantic ValidationError (and how many more there are)."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return "invalid value"
+    err = errors[0]
+    path = _loc_to_path(err["loc"])
+    kind = err["type"]
+    if kind == "missing":
+        msg = "required field is missing"
+    elif kind == "extra_forbidden":
+        msg = "unknown field"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        value = err.get("input")
+        if kind != "value_error" and isinstance(value, str | int | float | bool) and len(repr(value)) < 60:
+            msg += f" (got {value!r})"
+    # a validator's message may start with a sub-location, e.g. "[0].value: ..."
+    line = (path + msg if msg.startswith("[") else f"{path}: {msg}") if path else msg
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return " ".join(line.split())
 
 
 def validate_model(cls: type[M], data: Any, *, where: str) -> M:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -38,6 +38,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, ValidationError, model_validator
 
 from evomerge.checkpoints.layers import layer_position
+from evomerge.config_util import format_validation_error
 from evomerge.errors import RecipeError
 from evomerge.merging.registry import MergeMethod, get_method, param_domain
 
@@ -152,41 +153,6 @@ class ModelEntry(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------- errors
-def _loc_to_path(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line naming the first problem of a pydantic ValidationError (and how many more there are)."""
-    errors = exc.errors(include_url=False)
-    if not errors:
-        return "invalid recipe"
-    err = errors[0]
-    path = _loc_to_path(err["loc"])
-    kind = err["type"]
-    if kind == "missing":
-        msg = "required field is missing"
-    elif kind == "extra_forbidden":
-        msg = "unknown field"
-    else:
-        msg = err["msg"].removeprefix("Value error, ")
-        msg = msg[:1].lower() + msg[1:]
-        value = err.get("input")
-        if kind != "value_error" and isinstance(value, str | int | float | bool) and len(repr(value)) < 60:
-            msg += f" (got {value!r})"
-    # a validator's message may start with a sub-location, e.g. "[0].value: ..."
-    line = (path + msg if msg.startswith("[") else f"{path}: {msg}") if path else msg
-    if len(errors) > 1:
-        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return " ".join(line.split())
-
-
 # ---------------------------------------------------------------------------------------- recipe
 class MergeRecipe(BaseModel):
     """A validated merge recipe. Construction raises :class:`~evomerge.errors.RecipeError` (one line)."""
