@@ -63,8 +63,8 @@ class ZooConfig(BaseModel):
     expert_steps: int = 400
     batch_size: int = 64
     base_lr: float = 2e-3
-    expert_lr: float = 5e-4
-    replay: float = Field(default=0.5, ge=0.0, lt=1.0)
+    expert_lr: float = 1e-3
+    replay: float = Field(default=0.3, ge=0.0, lt=1.0)
     dev_size: int = Field(default=200, ge=1)
     test_size: int = Field(default=300, ge=1)
 
