@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,11 +211,3 @@ def _run_trial(
     trial.set_user_attr("eval_seconds", round(eval_s, 4))
     study.tell(trial, objective_values(config, result))
     return TrialOutcome(trial.number, "COMPLETE", result.mean, result.scores, None)
-
-
-def task_names(trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
-    for t in trials:
-        scores = t.user_attrs.get("scores")
-        if scores:
-            return list(scores)
-    return []

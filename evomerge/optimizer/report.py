@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -179,7 +178,3 @@ def render_markdown(report: FinalReport) -> str:
     if "best_model" in report.paths:
         lines += [f"Merged model: `{report.paths['best_model']}`", ""]
     return "\n".join(lines)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
