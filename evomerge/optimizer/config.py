@@ -95,7 +95,9 @@ class SweepConfig(BaseModel):
 
 
 def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """Read a sweep YAML; relative paths in it are taken relative to the YAML's folder."""
+    """Read a sweep YAML. Relative model and task-data paths are taken relative to the YAML's folder
+    (``data_dir``); ``runs_dir`` and a zoo YAML path relative to the current directory, like a CLI's
+    output paths."""
     p = Path(path)
     data = load_yaml(p)
     if not isinstance(data, dict):
