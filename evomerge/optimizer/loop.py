@@ -61,19 +61,14 @@ def resolve_sweep(
         from evomerge.zoo import build_zoo
 
         zoo = build_zoo(config.zoo, zoo_cache, progress=zoo_progress)
+        experts = tuple(zoo.experts.values())
         if config.tasks:  # the sweep's own tasks: data paths relative to the sweep YAML
-            return ResolvedSweep(config, zoo.base, tuple(zoo.experts.values()), config.tasks, data_dir)
-        return ResolvedSweep(config, zoo.base, tuple(zoo.experts.values()), zoo.tasks, zoo.root)
+            return ResolvedSweep(config, zoo.base, experts, config.tasks, data_dir)
+        return ResolvedSweep(config, zoo.base, experts, zoo.tasks, zoo.root)
     assert config.models is not None  # the config validator guarantees it
-    root = Path(data_dir)
-    base = (
-        str((root / config.models.base).resolve())
-        if not Path(config.models.base).is_absolute()
-        else config.models.base
-    )
-    experts = tuple(
-        str((root / e).resolve()) if not Path(e).is_absolute() else e for e in config.models.experts
-    )
+    root = Path(data_dir)  # joining an absolute path keeps it as it is
+    base = str((root / config.models.base).resolve())
+    experts = tuple(str((root / e).resolve()) for e in config.models.experts)
     return ResolvedSweep(config, base, experts, config.tasks, data_dir)
 
 
