@@ -281,11 +281,11 @@ def test_layer_position() -> None:
     assert layer_position("model.layers.1.mlp.up_proj.weight", 5) == 0.25
     assert layer_position("model.language_model.layers.3.self_attn.o_proj.weight", 5) == 0.75
     assert layer_position("transformer.h.4.attn.c_proj.weight", 5) == 1.0
-    assert layer_position("model.layers.0.mlp.up_proj.weight", 1) == 0.0
+    assert layer_position("model.layers.0.mlp.up_proj.weight", 1) == 1.0  # mergekit: t = 1 for one layer
     assert layer_position("model.embed_tokens.weight", 5) == 0.0
     assert layer_position("transformer.wte.weight", 5) == 0.0
-    assert layer_position("model.norm.weight", 5) == 1.0
-    assert layer_position("lm_head.weight", 5) == 1.0
+    assert layer_position("model.norm.weight", 5) == 0.0  # mergekit evaluates post-layer weights at t = 0
+    assert layer_position("lm_head.weight", 5) == 0.0
     assert layer_position("model.layers.9.mlp.up_proj.weight", 5) == 1.0  # clamped
 
 

@@ -32,6 +32,13 @@ ALL_METHODS = sorted(METHODS)
 
 
 # ============================================================================ helpers
+def _count(method: str, wanted: int = 2) -> int:
+    """How many experts to give ``method`` in generic tests (slerp takes exactly one)."""
+    spec = METHODS[method]
+    top = wanted if spec.max_models is None else min(wanted, spec.max_models)
+    return max(top, spec.min_models)
+
+
 def _defaults(method: str, n: int, **overrides: float) -> tuple[list[dict[str, float]], dict[str, float]]:
     spec = METHODS[method]
     per_model = [{**spec.model_params, **overrides} for _ in range(n)]
@@ -46,6 +53,8 @@ def _recipe(method: str, base: Path | None, experts: list[Path], **extra: Any) -
     """A valid recipe for any registered method: weights 0.7/0.3, density 0.5 where the method has them."""
     spec = METHODS[method]
     models = []
+    if spec.max_models is not None:
+        experts = experts[: spec.max_models]
     for i, expert in enumerate(experts):
         params: dict[str, Any] = {}
         if "weight" in spec.model_params:
@@ -79,8 +88,26 @@ def test_registry_contents() -> None:
     assert METHODS["ties"].needs_base and METHODS["task_arithmetic"].needs_base
     assert METHODS["linear"].global_params["normalize"] == 1.0
     assert METHODS["task_arithmetic"].global_params["normalize"] == 0.0
-    assert METHODS["ties"].global_params == {"lambda": 1.0, "normalize": 1.0}
+    assert METHODS["ties"].global_params == {
+        "lambda": 1.0,
+        "normalize": 1.0,
+        "rescale": 0.0,
+        "int8_mask": 0.0,
+    }
     assert METHODS["ties"].model_params == {"weight": 1.0, "density": 1.0}
+    expected = {
+        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+        "della", "della_linear", "slerp", "sce", "model_stock", "rsaf",
+    }  # fmt: skip
+    assert set(METHODS) == expected
+    # mergekit's defaults for the flags users rely on
+    assert METHODS["dare_ties"].global_params["normalize"] == 0.0
+    assert METHODS["dare_ties"].global_params["rescale"] == 1.0
+    assert METHODS["della"].global_params["normalize"] == 1.0
+    assert METHODS["breadcrumbs"].model_params["gamma"] == 0.01
+    assert METHODS["della"].model_params["epsilon"] == 0.15
+    assert (METHODS["slerp"].min_models, METHODS["slerp"].max_models) == (1, 1)
+    assert METHODS["model_stock"].min_models == 2
 
 
 def test_get_method_unknown() -> None:
@@ -94,7 +121,7 @@ def test_get_method_unknown() -> None:
 def random_inputs() -> tuple[torch.Tensor, list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(6, 5, generator=gen)
-    experts = [base + 0.1 * torch.randn(6, 5, generator=gen) for _ in range(2)]
+    experts = [base + 0.1 * torch.randn(6, 5, generator=gen) for _ in range(3)]
     return base, experts
 
 
@@ -103,9 +130,10 @@ def test_kernel_shape_dtype_determinism_purity(
     method: str, random_inputs: tuple[torch.Tensor, list[torch.Tensor]]
 ) -> None:
     base, experts = random_inputs
-    inputs = MergeInputs.from_tensors(base, experts)
-    snapshot = [t.clone() for t in (inputs.require_base(), *(inputs.delta(i) for i in range(2)))]
-    params, global_params = _defaults(method, 2)
+    n = _count(method)
+    inputs = MergeInputs.from_tensors(base, experts[:n])
+    snapshot = [t.clone() for t in (inputs.require_base(), *(inputs.delta(i) for i in range(n)))]
+    params, global_params = _defaults(method, n)
     if "density" in params[0]:
         for p in params:
             p["density"] = 0.5
@@ -115,23 +143,26 @@ def test_kernel_shape_dtype_determinism_purity(
     assert first.dtype == torch.float32
     assert torch.equal(first, second)
     assert torch.isfinite(first).all()
-    after = [inputs.require_base(), *(inputs.delta(i) for i in range(2))]
+    assert not torch.equal(first, base), "the merge did nothing"
+    after = [inputs.require_base(), *(inputs.delta(i) for i in range(n))]
     assert all(torch.equal(a, b) for a, b in zip(snapshot, after, strict=True)), "kernel modified its inputs"
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_kernel_experts_equal_to_base_give_base(method: str) -> None:
     base = torch.tensor([[1.5, -2.0, 0.25], [3.0, 0.0, -1.0]])
-    inputs = MergeInputs.from_tensors(base, [base.clone(), base.clone()])
-    params, global_params = _defaults(method, 2)
+    n = _count(method)
+    inputs = MergeInputs.from_tensors(base, [base.clone() for _ in range(n)])
+    params, global_params = _defaults(method, n)
     torch.testing.assert_close(_run(method, inputs, params, global_params), base)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_kernel_rejects_wrong_param_count(method: str) -> None:
     base = torch.zeros(3)
-    inputs = MergeInputs.from_tensors(base, [base + 1, base + 2])
-    params, global_params = _defaults(method, 3)
+    n = _count(method)
+    inputs = MergeInputs.from_tensors(base, [base + i + 1 for i in range(n)])
+    params, global_params = _defaults(method, n + 1)
     with pytest.raises(ValueError, match="parameter sets"):
         _run(method, inputs, params, global_params)
 
@@ -245,7 +276,8 @@ def test_ties_density_one_single_expert_is_task_arithmetic(normalize: float, wei
 
 
 def test_keep_count_and_trim() -> None:
-    assert keep_count(10, 0.25) == 3  # 2.5 rounds up
+    assert keep_count(10, 0.25) == 2  # floored, as mergekit does
+    assert keep_count(10, 0.29) == 2
     assert keep_count(10, 0.01) == 1  # never zero
     assert keep_count(10, 1.0) == 10
     d = torch.tensor([[0.1, -5.0, 2.0], [-3.0, 0.0, 1.0]])
@@ -329,7 +361,7 @@ _BASE = "merge_method: ties\nbase_model: b\n"
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("merge_method: foo\nmodels: [{model: a}]", "unknown merge method 'foo'; known: linear, "),
+        ("merge_method: foo\nmodels: [{model: a}]", "unknown merge method 'foo'; known: breadcrumbs, "),
         ("merge_method: ties\nmodels: [{model: a}]", "base_model: merge method 'ties' needs a base model"),
         (
             _BASE + "models: [{model: a}, {model: c, parameters: {density: 1.5}}]",
@@ -417,8 +449,8 @@ def test_resolve_scalars_lists_and_filters() -> None:
     assert resolve((0.0, 1.0, 0.0), m1, 5) == pytest.approx(0.5)  # index 0.5 between 0 and 1
     assert resolve((0.0, 1.0, 0.0), m3, 5) == pytest.approx(0.5)  # index 1.5 between 1 and 0
     assert resolve((0.2, 0.4, 0.8), "model.embed_tokens.weight", 5) == 0.2  # embeddings: first
-    assert resolve((0.2, 0.4, 0.8), "model.norm.weight", 5) == 0.8  # final norm: last
-    assert resolve((0.2, 0.4, 0.8), "lm_head.weight", 5) == 0.8
+    assert resolve((0.2, 0.4, 0.8), "model.norm.weight", 5) == 0.2  # final norm: t = 0, as in mergekit
+    assert resolve((0.2, 0.4, 0.8), "lm_head.weight", 5) == 0.2
     rules = (
         FilterRule(filter="self_attn", value=0.2),
         FilterRule(filter="mlp", value=(0.1, 0.9)),
@@ -441,17 +473,17 @@ def test_resolve_params_fills_defaults_and_global_fallbacks() -> None:
         EXAMPLE.replace("parameters: {lambda: 1.0", "parameters: {density: 0.4, lambda: 2")
     )
     per_model, global_params = resolve_params(recipe, "model.layers.0.self_attn.q_proj.weight", 3)
-    assert global_params == {"lambda": 2.0, "normalize": 1.0}
+    assert global_params == {"lambda": 2.0, "normalize": 1.0, "rescale": 0.0, "int8_mask": 0.0}
     assert per_model == [{"weight": 0.7, "density": 0.3}, {"weight": 0.2, "density": 0.4}]
     per_model, _ = resolve_params(recipe, "model.layers.1.mlp.down_proj.weight", 3)
     assert per_model[0] == {"weight": 0.7, "density": 0.5}
     assert per_model[1]["weight"] == pytest.approx(0.5)
-    per_model, _ = resolve_params(recipe, "lm_head.weight", 3)
-    assert per_model == [{"weight": 0.7, "density": 0.9}, {"weight": 0.5, "density": 0.4}]
+    per_model, _ = resolve_params(recipe, "lm_head.weight", 3)  # outside the layers: t = 0 (mergekit)
+    assert per_model == [{"weight": 0.7, "density": 0.3}, {"weight": 0.5, "density": 0.4}]
     bare = MergeRecipe.from_yaml("merge_method: ties\nbase_model: b\nmodels: [{model: a}]")
     assert resolve_params(bare, "x", 3) == (
         [{"weight": 1.0, "density": 1.0}],
-        {"lambda": 1.0, "normalize": 1.0},
+        {"lambda": 1.0, "normalize": 1.0, "rescale": 0.0, "int8_mask": 0.0},
     )
 
 
@@ -556,8 +588,8 @@ dtype: float32
         "model.layers.1.input_layernorm.weight": (0.5, 0.0),
         "model.layers.2.self_attn.o_proj.weight": (1.0, 0.0),
         "model.embed_tokens.weight": (0.0, 0.0),
-        "model.norm.weight": (1.0, 0.0),
-        "lm_head.weight": (1.0, 0.0),
+        "model.norm.weight": (0.0, 0.0),  # outside the layer stack: t = 0, as in mergekit
+        "lm_head.weight": (0.0, 0.0),
     }
     for name, (w0, w1) in cases.items():
         torch.testing.assert_close(merged[name], expect(name, w0, w1), msg=name)

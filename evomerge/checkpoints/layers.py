@@ -14,7 +14,7 @@ __all__ = ["EMBEDDING_MARKERS", "TENSOR_GROUPS", "layer_index", "layer_position"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")
 
 EMBEDDING_MARKERS: tuple[str, ...] = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in")
-"""Name components of input embeddings; they sit at relative position 0."""
+"""Name components of input embeddings."""
 
 TENSOR_GROUPS: tuple[str, ...] = ("self_attn", "mlp", "norm", "embed", "lm_head", "other")
 """Every value :func:`tensor_group` can return."""
@@ -30,24 +30,20 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _is_embedding(name: str) -> bool:
-    return any(part in EMBEDDING_MARKERS for part in name.split("."))
-
-
 def layer_position(name: str, num_layers: int) -> float:
-    """Relative depth of tensor ``name`` in [0, 1].
+    """Relative depth of tensor ``name`` in [0, 1], where per-layer parameter lists are interpolated.
 
-    Layer ``l`` of ``n`` maps to ``l / (n - 1)`` (0 when ``n <= 1``; clamped to [0, 1]); input embeddings map
-    to 0; everything else outside the layer stack (final norm, lm_head) maps to 1.
+    Layer ``l`` of ``n`` maps to ``l / (n - 1)`` (clamped to [0, 1]; 1 when ``n <= 1``). Every tensor outside
+    the layer stack (embeddings, final norm, lm_head) maps to 0. This is what mergekit does (it evaluates
+    gradients for pre- and post-layer weights at t = 0), so a mergekit recipe with per-layer lists gives the
+    same tensors here.
     """
     index = layer_index(name)
-    if index is not None:
-        if num_layers <= 1:
-            return 0.0
-        return min(1.0, max(0.0, index / (num_layers - 1)))
-    if _is_embedding(name):
+    if index is None:
         return 0.0
-    return 1.0
+    if num_layers <= 1:
+        return 1.0
+    return min(1.0, max(0.0, index / (num_layers - 1)))
 
 
 def tensor_group(name: str) -> str:

@@ -12,8 +12,17 @@
           weight: [{filter: self_attn, value: 0.2}, {filter: mlp, value: [0.1, 0.9]}, {value: 0.5}]
     parameters: {lambda: 1.0, normalize: true}   # method-wide; per-model names here are defaults for all
     dtype: float32                               # float32 | bfloat16 | float16 (default: the base's dtype)
+    out_dtype: bfloat16                          # optional; the output dtype when it differs from dtype
     tokenizer_source: base                       # "base" or a model directory
-    seed: 0
+    seed: 0                                      # seeds DARE/DELLA masks (per tensor and model)
+
+mergekit recipes are read as they are: ``slices`` with one slice whose sources all span the same full
+``layer_range: [0, n]`` become ``models`` (with ``num_layers: n`` checked against the models); slice-level
+``base_model`` and ``parameters`` apply as in mergekit; a filter ``"*"`` matches every tensor;
+``tokenizer_source: null`` means ``base``. Kernels always compute in float32, so mergekit's ``dtype`` (its
+compute dtype) only sets the output dtype here, and ``out_dtype`` overrides it. Layer stacking (several
+slices or partial layer ranges), ``modules``, ``tokenizer``, ``chat_template`` and ``tokenizer_source:
+union`` are refused with a one-line RecipeError.
 
 Resolution of one parameter for one tensor: a list of ``{filter, value}`` rules picks the first rule whose
 ``filter`` is a substring of the tensor name (a rule without filter matches everything; when none
@@ -96,6 +105,8 @@ def _coerce_rule(rule: object, j: int) -> FilterRule:
     flt = rule.get("filter")
     if flt is not None and not isinstance(flt, str):
         raise ValueError(f"[{j}].filter: must be a string, got {type(flt).__name__}")
+    if flt == "*":  # mergekit's spelling of "every tensor"
+        flt = None
     try:
         value = _coerce_leaf(rule["value"])
     except ValueError as exc:
@@ -164,8 +175,11 @@ class MergeRecipe(BaseModel):
     models: list[ModelEntry]
     parameters: Params = {}
     dtype: DtypeName | None = None
+    out_dtype: DtypeName | None = None
     tokenizer_source: str = "base"
     seed: int = 0
+    num_layers: int | None = None
+    """Layer count the recipe was written for (from a mergekit slice's ``layer_range``); checked on merge."""
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -180,6 +194,12 @@ class MergeRecipe(BaseModel):
             return super().model_validate(obj, **kwargs)
         except ValidationError as exc:
             raise RecipeError(format_validation_error(exc)) from None
+
+    # ------------------------------------------------------------------ mergekit shape
+    @model_validator(mode="before")
+    @classmethod
+    def _mergekit_shape(cls, data: Any) -> Any:
+        return from_mergekit(data) if isinstance(data, Mapping) else data
 
     # ------------------------------------------------------------------ semantic checks
     @model_validator(mode="after")
@@ -208,8 +228,20 @@ class MergeRecipe(BaseModel):
                 known = {**method.global_params, **method.model_params}
                 raise RecipeError(f"{path}: {_unknown_param(key, method, known)}")
             _check_domain(path, key, value)
-        if not self._expert_indices():
+        count = len(self._expert_indices())
+        if not count:
             raise RecipeError(f"models: no model besides the base model {self.base_model!r}")
+        besides = " besides the base" if method.needs_base else ""
+        if count < method.min_models:
+            raise RecipeError(
+                f"models: merge method {method.name!r} needs at least {method.min_models} models{besides}, "
+                f"got {count}"
+            )
+        if method.max_models is not None and count > method.max_models:
+            raise RecipeError(
+                f"models: merge method {method.name!r} takes at most {method.max_models} "
+                f"model{'' if method.max_models == 1 else 's'}{besides}, got {count}"
+            )
         return self
 
     def _expert_indices(self) -> list[int]:
@@ -234,8 +266,10 @@ class MergeRecipe(BaseModel):
         return self.tokenizer_source
 
     def torch_dtype(self, default: torch.dtype | None = None) -> torch.dtype:
-        """The output dtype: the recipe's, else ``default`` when it is float32/bfloat16/float16, else
-        float32."""
+        """The output dtype: ``out_dtype``, else ``dtype``, else ``default`` when it is float32/bfloat16/
+        float16, else float32."""
+        if self.out_dtype is not None:
+            return DTYPES[self.out_dtype]
         if self.dtype is not None:
             return DTYPES[self.dtype]
         if default in DTYPES.values():
@@ -289,13 +323,144 @@ class MergeRecipe(BaseModel):
             out["parameters"] = _dump_params(self.parameters)
         if self.dtype is not None:
             out["dtype"] = self.dtype
+        if self.out_dtype is not None:
+            out["out_dtype"] = self.out_dtype
         out["tokenizer_source"] = self.tokenizer_source
         out["seed"] = self.seed
+        if self.num_layers is not None:
+            out["num_layers"] = self.num_layers
         return out
+
+    def to_mergekit(self) -> dict[str, Any]:
+        """The recipe as a mergekit configuration (``mergekit-yaml`` reads it and merges the same tensors).
+
+        mergekit computes in ``dtype``, so ``dtype: float32`` is written (evomerge's kernels always compute in
+        float32) and the output dtype goes to ``out_dtype``. RecipeError when the recipe uses something
+        mergekit lacks (the ``rsaf`` method, per-model ``weight`` for ``sce``); DARE/DELLA masks come from
+        mergekit's own random generator there, so those merges match only in distribution.
+        """
+        if self.merge_method not in MERGEKIT_METHODS:
+            raise RecipeError(f"merge_method: {self.merge_method!r} has no mergekit equivalent")
+        if self.merge_method == "sce" and any("weight" in m.parameters for m in self.models):
+            raise RecipeError("models: per-model weight for sce is an evomerge extension mergekit lacks")
+        data = self.to_dict()
+        for key in ("seed", "num_layers", "dtype", "out_dtype"):
+            data.pop(key, None)
+        data["dtype"] = "float32"
+        output = self.out_dtype or self.dtype
+        if output is not None and output != "float32":
+            data["out_dtype"] = output
+        return data
+
+    def to_mergekit_yaml(self) -> str:
+        """:meth:`to_mergekit` as YAML text."""
+        return yaml.safe_dump(
+            self.to_mergekit(), sort_keys=False, default_flow_style=None, allow_unicode=True
+        )
 
     def to_yaml(self) -> str:
         """YAML text; ``MergeRecipe.from_yaml(r.to_yaml()) == r``."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+MERGEKIT_METHODS: frozenset[str] = frozenset(
+    {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "slerp",
+        "sce",
+        "model_stock",
+    }
+)
+"""Registered methods that mergekit also has, with the same name and parameters."""
+
+_UNSUPPORTED_MERGEKIT_KEYS: dict[str, str] = {
+    "modules": "multi-module merges are not supported",
+    "tokenizer": "tokenizer building is not supported; use tokenizer_source: base or a model directory",
+    "chat_template": "chat templates come from the tokenizer source; remove chat_template",
+}
+
+
+def from_mergekit(data: Mapping[str, Any]) -> dict[str, Any]:
+    """mergekit's configuration shape mapped onto ours (see the module docstring); our own recipes pass
+    through unchanged. RecipeError (naming the field) for what does not map."""
+    out = dict(data)
+    for key, why in _UNSUPPORTED_MERGEKIT_KEYS.items():
+        if out.get(key) is not None:
+            raise RecipeError(f"{key}: {why}")
+        out.pop(key, None)
+    if "tokenizer_source" in out and out["tokenizer_source"] is None:
+        out["tokenizer_source"] = "base"
+    if out.get("tokenizer_source") == "union":
+        raise RecipeError("tokenizer_source: 'union' is not supported; use 'base' or a model directory")
+    for key in ("dtype", "out_dtype"):
+        if out.get(key) is None:
+            out.pop(key, None)
+    if out.get("parameters") is None:
+        out.pop("parameters", None)
+    slices = out.pop("slices", None)
+    if slices is None:
+        return out
+    if out.get("models"):
+        raise RecipeError("slices: give either models or slices, not both")
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
+        count = len(slices) if isinstance(slices, list) else 0
+        raise RecipeError(
+            f"slices: evomerge maps a single slice spanning all layers, got {count} slices "
+            "(layer stacking and splicing are not supported)"
+        )
+    return _single_slice(out, slices[0])
+
+
+def _single_slice(out: dict[str, Any], piece: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(str(k) for k in piece if k not in ("sources", "base_model", "parameters"))
+    if unknown:
+        raise RecipeError(f"slices[0].{unknown[0]}: not supported")
+    sources = piece.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise RecipeError("slices[0].sources: a non-empty list of {model, layer_range} is required")
+    models: list[dict[str, Any]] = []
+    ranges: set[tuple[int, int]] = set()
+    for j, source in enumerate(sources):
+        where = f"slices[0].sources[{j}]"
+        if not isinstance(source, Mapping) or "model" not in source:
+            raise RecipeError(f"{where}: needs model and layer_range")
+        extra = sorted(str(k) for k in source if k not in ("model", "layer_range", "parameters"))
+        if extra:
+            raise RecipeError(f"{where}.{extra[0]}: not supported")
+        span = source.get("layer_range")
+        if not (isinstance(span, list | tuple) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+            raise RecipeError(f"{where}.layer_range: must be [start, end]")
+        ranges.add((int(span[0]), int(span[1])))
+        entry: dict[str, Any] = {"model": source["model"]}
+        if source.get("parameters"):
+            entry["parameters"] = source["parameters"]
+        models.append(entry)
+    if len(ranges) != 1 or next(iter(ranges))[0] != 0 or next(iter(ranges))[1] <= 0:
+        shown = ", ".join(f"[{a}, {b}]" for a, b in sorted(ranges))
+        raise RecipeError(
+            f"slices[0].sources: layer_range must be the same [0, n] for every source, got {shown} "
+            "(partial ranges select or stack layers, which is not supported)"
+        )
+    out["models"] = models
+    out["num_layers"] = next(iter(ranges))[1]
+    slice_base = piece.get("base_model")
+    if slice_base is not None:
+        if out.get("base_model") not in (None, slice_base):
+            raise RecipeError("slices[0].base_model: differs from the top-level base_model")
+        out["base_model"] = slice_base
+    if piece.get("parameters"):
+        merged = dict(out.get("parameters") or {})
+        merged.update(piece["parameters"])  # mergekit: slice parameters take precedence
+        out["parameters"] = merged
+    return out
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -468,6 +633,10 @@ def check_layer_lists(recipe: MergeRecipe, num_layers: int) -> None:
                 f"{'' if num_layers == 1 else 's'}"
             )
 
+    if recipe.num_layers is not None and recipe.num_layers != num_layers:
+        raise RecipeError(
+            f"slices: the recipe's layer_range spans {recipe.num_layers} layers, the models have {num_layers}"
+        )
     for key, value in recipe.parameters.items():
         walk(f"parameters.{key}", value)
     for i, entry in enumerate(recipe.models):

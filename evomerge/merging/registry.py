@@ -1,8 +1,9 @@
 """The registry of merge methods: one explicit entry per method module in ``evomerge.merging.methods``.
 
 To add a method: write ``methods/<name>.py`` with ``merge`` (a :class:`~evomerge.merging.inputs.Kernel`),
-``MODEL_PARAMS`` and ``GLOBAL_PARAMS`` (name -> default, booleans as 1.0/0.0), add one entry to
-:data:`METHODS`, and a :data:`PARAM_DOMAINS` entry for any new parameter name.
+``MODEL_PARAMS`` and ``GLOBAL_PARAMS`` (name -> default, booleans as 1.0/0.0), optionally ``MIN_MODELS`` /
+``MAX_MODELS`` (how many models besides the base it takes), add one entry to :data:`METHODS`, and a
+:data:`PARAM_DOMAINS` entry for any new parameter name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,21 @@ from typing import Literal
 
 from evomerge.errors import RecipeError
 from evomerge.merging.inputs import Kernel
-from evomerge.merging.methods import linear, task_arithmetic, ties
+from evomerge.merging.methods import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+    linear,
+    model_stock,
+    rsaf,
+    sce,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 
 __all__ = ["METHODS", "PARAM_DOMAINS", "MergeMethod", "ParamDomain", "get_method", "param_domain"]
 
@@ -58,11 +73,24 @@ def _fmt(value: float | bool) -> str:
     return f"{value:g}"
 
 
+_UNIT = ParamDomain(low=0.0, high=1.0)
+_BOOL = ParamDomain(kind="bool")
+
 PARAM_DOMAINS: dict[str, ParamDomain] = {
     "weight": ParamDomain(),
     "density": ParamDomain(low=0.0, high=1.0, low_open=True),
     "lambda": ParamDomain(),
-    "normalize": ParamDomain(kind="bool"),
+    "normalize": _BOOL,
+    "rescale": _BOOL,
+    "int8_mask": _BOOL,
+    "filter_wise": _BOOL,
+    "gamma": ParamDomain(low=0.0, high=1.0, high_open=True),
+    "epsilon": ParamDomain(low=0.0, high=0.5, high_open=True),
+    "t": _UNIT,
+    "select_topk": ParamDomain(low=0.0, high=1.0, low_open=True),
+    "rate_gain": ParamDomain(low=0.0, high=1.0),
+    "skew_gain": ParamDomain(low=0.0, high=4.0),
+    "min_density": ParamDomain(low=0.0, high=1.0, low_open=True),
 }
 """Allowed values per parameter name (a name means the same thing in every method)."""
 
@@ -84,6 +112,10 @@ class MergeMethod:
     global_params: Mapping[str, float]
     """Method-wide parameter names -> defaults (booleans as 1.0 / 0.0)."""
     doc: str
+    min_models: int = 1
+    """Fewest models besides the base."""
+    max_models: int | None = None
+    """Most models besides the base (None: no limit)."""
 
     def default(self, param: str) -> float:
         if param in self.model_params:
@@ -100,6 +132,8 @@ def _from_module(name: str, module: ModuleType, *, needs_base: bool) -> MergeMet
         model_params=dict(module.MODEL_PARAMS),
         global_params=dict(module.GLOBAL_PARAMS),
         doc=" ".join(doc.split()),
+        min_models=int(getattr(module, "MIN_MODELS", 1)),
+        max_models=getattr(module, "MAX_MODELS", None),
     )
 
 
@@ -107,6 +141,16 @@ METHODS: dict[str, MergeMethod] = {
     "linear": _from_module("linear", linear, needs_base=False),
     "task_arithmetic": _from_module("task_arithmetic", task_arithmetic, needs_base=True),
     "ties": _from_module("ties", ties, needs_base=True),
+    "dare_linear": _from_module("dare_linear", dare_linear, needs_base=True),
+    "dare_ties": _from_module("dare_ties", dare_ties, needs_base=True),
+    "breadcrumbs": _from_module("breadcrumbs", breadcrumbs, needs_base=True),
+    "breadcrumbs_ties": _from_module("breadcrumbs_ties", breadcrumbs_ties, needs_base=True),
+    "della": _from_module("della", della, needs_base=True),
+    "della_linear": _from_module("della_linear", della_linear, needs_base=True),
+    "slerp": _from_module("slerp", slerp, needs_base=True),
+    "sce": _from_module("sce", sce, needs_base=True),
+    "model_stock": _from_module("model_stock", model_stock, needs_base=True),
+    "rsaf": _from_module("rsaf", rsaf, needs_base=True),
 }
 """All merge methods by registry name."""
 

@@ -1,7 +1,8 @@
 """task_arithmetic: ``b + lambda * sum_i w_i d_i`` with task vectors ``d_i = x_i - b``.
 
 Parameters: per model ``weight`` (default 1); global ``lambda`` (default 1) and ``normalize`` (default
-false; true divides the weighted sum by ``sum_i w_i``, a zero sum by 1).
+false; true divides the weighted sum by ``sum_i w_i``, a zero sum by 1); ``int8_mask`` is accepted for
+mergekit recipes and has no effect.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from evomerge.merging.inputs import MergeInputs
 from evomerge.merging.methods.common import flag, model_values
 
 MODEL_PARAMS: dict[str, float] = {"weight": 1.0}
-GLOBAL_PARAMS: dict[str, float] = {"lambda": 1.0, "normalize": 0.0}
+GLOBAL_PARAMS: dict[str, float] = {"lambda": 1.0, "normalize": 0.0, "int8_mask": 0.0}
 
 
 def merge(
