@@ -285,7 +285,9 @@ def test_keep_count_and_trim() -> None:
     assert torch.equal(trim_to_density(d, 0.5), torch.tensor([[0.0, -5.0, 2.0], [-3.0, 0.0, 0.0]]))
     assert torch.equal(trim_to_density(d, 0.1), torch.tensor([[0.0, -5.0, 0.0], [0.0, 0.0, 0.0]]))
     tied = torch.tensor([1.0, -1.0, 1.0, 0.5])
-    assert torch.equal(trim_to_density(tied, 0.25), tied * torch.tensor([1.0, 1.0, 1.0, 0.0]))  # ties kept
+    # exactly k kept; among entries tied at the cut-off, the first in storage order (a stable sort's pick)
+    assert torch.equal(trim_to_density(tied, 0.5), tied * torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert torch.equal(trim_to_density(tied, 0.75), tied * torch.tensor([1.0, 1.0, 1.0, 0.0]))
 
 
 def test_tensor_seed_is_stable_and_per_tensor() -> None:

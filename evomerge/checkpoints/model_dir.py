@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -112,8 +114,12 @@ class ModelDir:
     Every problem raises :class:`~evomerge.errors.CheckpointError` with a one-line message.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
         self._path = Path(path).expanduser()
+        self._allow_pickle = allow_pickle
+        self._fds: dict[str, int] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         p = self._path
         if not p.exists():
             raise CheckpointError(f"model directory does not exist: {p}")
@@ -178,6 +184,59 @@ class ModelDir:
             )
         return CheckpointError(f"{self._path} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
 
+    def _index_offsets(self, file: str) -> None:
+        """Absolute byte ranges of every tensor in ``file`` (the header was validated by safe_open)."""
+        full = self._path / file
+        fd = os.open(full, os.O_RDONLY)
+        self._fds[file] = fd
+        (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        header = json.loads(os.pread(fd, length, 8))
+        start = 8 + length
+        for name, entry in header.items():
+            if name != "__metadata__":
+                begin, end = entry["data_offsets"]
+                self._offsets[name] = (start + int(begin), start + int(end))
+
+    # ------------------------------------------------------------------ pickle (opt-in only)
+    def _pickle_files(self) -> list[str]:
+        index = self._path / "pytorch_model.bin.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: unreadable index ({_one_line(exc)})") from None
+            return sorted(set(weight_map.values()))
+        return sorted(f.name for f in self._path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+
+    def _open_pickles(self) -> tuple[dict[str, str], list[str]]:
+        """Load pickle weights with ``torch.load(weights_only=True)``: plain tensors only, no code runs."""
+        weight_map: dict[str, str] = {}
+        order: list[str] = []
+        for file in self._pickle_files():
+            full = self._path / file
+            try:
+                state = torch.load(full, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for bad or unsafe pickles
+                raise CheckpointError(
+                    f"{full}: cannot load pickle weights safely ({_one_line(exc)})"
+                ) from None
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{full}: not a state dict of tensors")
+            self._pickled[file] = state
+            for key in state:
+                if key in weight_map:
+                    raise CheckpointError(f"{self._path}: tensor {key!r} appears in several files")
+                weight_map[key] = file
+                order.append(key)
+        return weight_map, order
+
+    @property
+    def is_pickle(self) -> bool:
+        """Whether the weights came from pickle files (only with ``allow_pickle``)."""
+        return bool(self._pickled)
+
     def _open(self, file: str) -> Any:
         full = self._path / file
         try:
@@ -194,12 +253,15 @@ class ModelDir:
         elif (self._path / SINGLE_FILE).is_file():
             expected = None
             files = [SINGLE_FILE]
+        elif self._allow_pickle and self._pickle_files():
+            return self._open_pickles()
         else:
             raise self._no_weights_error()
         weight_map: dict[str, str] = {}
         order: list[str] = []
         for file in files:
             handle = self._open(file)
+            self._index_offsets(file)
             offset_keys = getattr(handle, "offset_keys", None)
             keys: list[str] = list(offset_keys() if offset_keys is not None else handle.keys())
             if expected is not None:
@@ -243,6 +305,14 @@ class ModelDir:
     def __len__(self) -> int:
         return len(self._order)
 
+    def _file_of(self, name: str) -> str:
+        if self._closed:
+            raise CheckpointError(f"{self._path}: model directory was closed")
+        try:
+            return self._weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"{self._path}: no tensor named {name!r}") from None
+
     def _handle(self, name: str) -> Any:
         if self._closed:
             raise CheckpointError(f"{self._path}: model directory was closed")
@@ -254,6 +324,14 @@ class ModelDir:
 
     def info(self, name: str) -> TensorInfo:
         """Shape, dtype and file of one tensor, from the header only."""
+        if self._pickled:
+            t = self._pickled[self._file_of(name)][name]
+            return TensorInfo(
+                name=name,
+                shape=tuple(int(s) for s in t.shape),
+                dtype=safetensors_dtype_name(t.dtype),
+                file=self._weight_map[name],
+            )
         sl = self._handle(name).get_slice(name)
         return TensorInfo(
             name=name,
@@ -267,18 +345,31 @@ class ModelDir:
         return {name: self.info(name) for name in self._order}
 
     def read(self, name: str) -> torch.Tensor:
-        """Load one tensor (on CPU, in its stored dtype).
+        """Load one tensor (on CPU, in its stored dtype) into memory of its own.
 
-        The tensor may share memory with the file mapping of the open handle: treat it as read-only
-        (modifying it in place would change what later reads of the same tensor return); clone it first
-        if you need to write to it.
+        Safetensors data is read with ``pread`` straight into the tensor's buffer (no memory map stays
+        behind, so reading a whole model does not grow the process's resident memory).
         """
-        handle = self._handle(name)
-        try:
-            tensor: torch.Tensor = handle.get_tensor(name)
-        except SafetensorError as exc:
-            raise CheckpointError(f"{self._path}: cannot read tensor {name!r} ({_one_line(exc)})") from None
-        return tensor
+        file = self._file_of(name)
+        if self._pickled:
+            return self._pickled[file][name]
+        info = self.info(name)
+        begin, end = self._offsets[name]
+        dtype = torch_dtype_from_safetensors(info.dtype)
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            view = buffer.numpy().data
+            got = 0
+            fd = self._fds[file]
+            while got < end - begin:
+                n = os.preadv(fd, [view[got:]], begin + got)
+                if n <= 0:
+                    raise CheckpointError(
+                        f"{self._path / file}: truncated file, cannot read tensor {name!r} "
+                        f"({end - begin - got} bytes missing)"
+                    )
+                got += n
+        return buffer.view(dtype).reshape(info.shape)
 
     @property
     def num_layers(self) -> int:
@@ -317,6 +408,11 @@ class ModelDir:
         for handle in self._handles.values():
             with contextlib.suppress(Exception):  # closing is best effort
                 handle.__exit__(None, None, None)
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
+        self._pickled = {}
         self._closed = True
 
     def __enter__(self) -> ModelDir:

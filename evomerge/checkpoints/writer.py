@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import struct
 import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -13,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from evomerge.checkpoints.model_dir import INDEX_FILE, TOKENIZER_FILES
+from evomerge.checkpoints.model_dir import INDEX_FILE, TOKENIZER_FILES, safetensors_dtype_name
 from evomerge.errors import CheckpointError, OutputExistsError
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "EXTRA_FILES", "ModelWriter", "dtype_name", "shard_file_name"]
@@ -72,6 +76,7 @@ class ModelWriter:
         self._shards: list[Path] = []
         self._shard_of: dict[str, int] = {}
         self._done = False
+        self._stream: _ShardStream | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -100,9 +105,25 @@ class ModelWriter:
         return self._tmp
 
     # ------------------------------------------------------------------ writing
+    def plan(self, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        """Announce every tensor (name, shape, dtype) in the order they will be added.
+
+        The shards and their safetensors headers are then fixed up front, and each :meth:`add` streams the
+        tensor's bytes straight to its shard file on a background thread (at most two tensors queued), so
+        memory does not grow with the shard size and writing overlaps the caller's computing.
+        """
+        if self._buffer or self._shards or self._stream is not None:
+            raise ValueError("plan() must come before the first add()")
+        self._stream = _ShardStream(self._ensure_tmp(), entries, self._max)
+        self._total = self._stream.total_bytes
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; writes a shard when the buffer reaches ``max_shard_bytes``."""
+        """Queue one tensor; writes a shard when the buffer reaches ``max_shard_bytes`` (or, after
+        :meth:`plan`, hands it to the background shard stream)."""
         self._ensure_tmp()
+        if self._stream is not None:
+            self._stream.put(name, tensor, self._out)
+            return
         if name in self._shard_of or name in self._buffer:
             raise ValueError(f"tensor {name!r} was already added")
         t = tensor.detach()
@@ -126,7 +147,10 @@ class ModelWriter:
         tmp = self._ensure_tmp()
         index = len(self._shards)
         path = tmp / f"shard-{index:05d}.safetensors"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self._buffer, str(path), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors reports I/O errors as its own exception type
+            raise CheckpointError(_write_error(self._out, exc)) from None
         self._shards.append(path)
         for name in self._buffer:
             self._shard_of[name] = index
@@ -143,6 +167,17 @@ class ModelWriter:
     ) -> Path:
         """Write the last shard, index, config, tokenizer files and README, then move into place."""
         tmp = self._ensure_tmp()
+        try:
+            weight_map = self._write_shards(tmp)
+            self._write_metadata(tmp, weight_map, config, dtype, tokenizer_source, model_card)
+        except OSError as exc:
+            raise CheckpointError(_write_error(self._out, exc)) from None
+        self._commit(tmp)
+        return self._out
+
+    def _write_shards(self, tmp: Path) -> dict[str, str]:
+        if self._stream is not None:
+            return self._stream.finish(self._out)
         self._flush()
         count = len(self._shards)
         if count == 0:
@@ -150,7 +185,17 @@ class ModelWriter:
         names = [shard_file_name(i + 1, count) for i in range(count)]
         for src, dst in zip(self._shards, names, strict=True):
             src.rename(tmp / dst)
-        weight_map = {name: names[idx] for name, idx in sorted(self._shard_of.items())}
+        return {name: names[idx] for name, idx in sorted(self._shard_of.items())}
+
+    def _write_metadata(
+        self,
+        tmp: Path,
+        weight_map: dict[str, str],
+        config: dict[str, Any],
+        dtype: torch.dtype,
+        tokenizer_source: Path | None,
+        model_card: str,
+    ) -> None:
         index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
@@ -169,8 +214,6 @@ class ModelWriter:
                     shutil.copyfile(src_dir / file, tmp / file)
 
         (tmp / "README.md").write_text(model_card if model_card.endswith("\n") else model_card + "\n")
-        self._commit(tmp)
-        return self._out
 
     def _commit(self, tmp: Path) -> None:
         out = self._out
@@ -198,6 +241,9 @@ class ModelWriter:
 
     def abort(self) -> None:
         """Drop everything written so far (idempotent); ``out_dir`` is left untouched."""
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream = None
         self._buffer = {}
         self._buffered = 0
         if self._tmp is not None:
@@ -225,3 +271,143 @@ def _make_readable(root: Path) -> None:
     root.chmod(0o755)
     for p in root.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def _write_error(out: Path, exc: BaseException) -> str:
+    """One line for a failed write (disk full, file too large, permission...)."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or type(exc).__name__
+    else:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot write {out}: {reason}; nothing was left behind"
+
+
+_ALIGN = 8
+_STOP = object()
+
+
+class _ShardStream:
+    """Safetensors shards whose layout is fixed in advance, written tensor by tensor on a thread."""
+
+    def __init__(
+        self, tmp: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int
+    ) -> None:
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = []
+        current: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+        size = 0
+        for name, shape, dtype in entries:
+            numel = 1
+            for dim in shape:
+                numel *= int(dim)
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if current and size + nbytes > max_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append((name, tuple(int(d) for d in shape), dtype, nbytes))
+            size += nbytes
+        if current:
+            groups.append(current)
+        if not groups:
+            raise CheckpointError("nothing to write: no tensors were planned")
+        count = len(groups)
+        self.files = [shard_file_name(i + 1, count) for i in range(count)]
+        self.order: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+        self.shard_of: dict[str, int] = {}
+        self.headers: list[bytes] = []
+        self.total_bytes = 0
+        for index, group in enumerate(groups):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, shape, dtype, nbytes in group:
+                header[name] = {
+                    "dtype": safetensors_dtype_name(dtype),
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
+                offset += nbytes
+                self.shard_of[name] = index
+                self.order.append((name, shape, dtype, nbytes))
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % _ALIGN)
+            self.headers.append(struct.pack("<Q", len(text)) + text)
+            self.total_bytes += offset
+        self.tmp = tmp
+        self.next = 0
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._run, name="evomerge-shard-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, name: str, tensor: torch.Tensor, out: Path) -> None:
+        if self.error is not None:
+            raise CheckpointError(_write_error(out, self.error))
+        if self.next >= len(self.order):
+            raise ValueError(f"tensor {name!r} was not planned (all planned tensors were added)")
+        want, shape, dtype, _ = self.order[self.next]
+        if name != want:
+            raise ValueError(f"tensors must be added in the planned order: expected {want!r}, got {name!r}")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}"
+            )
+        self.next += 1
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        self.queue.put(t.contiguous())
+
+    def _run(self) -> None:
+        handle = None
+        shard = -1
+        try:
+            for name, _, _, _ in self.order:
+                item = self.queue.get()
+                if item is _STOP or self.stopped:
+                    return
+                index = self.shard_of[name]
+                if index != shard:
+                    if handle is not None:
+                        handle.close()
+                    shard = index
+                    handle = open(self.tmp / self.files[index], "wb")  # noqa: SIM115 (closed below)
+                    handle.write(self.headers[index])
+                tensor: torch.Tensor = item
+                if tensor.numel() and handle is not None:
+                    handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+                del item, tensor
+            if handle is not None:
+                handle.close()
+                handle = None
+        except BaseException as exc:  # reported to the producer on its next put() or at finish()
+            self.error = exc
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def finish(self, out: Path) -> dict[str, str]:
+        """Wait for the writes; the weight map. CheckpointError when a write failed."""
+        if self.error is None and self.next != len(self.order):
+            missing = self.order[self.next][0]
+            self.stop()
+            raise ValueError(f"planned tensor {missing!r} was never added")
+        self.thread.join()
+        if self.error is not None:
+            raise CheckpointError(_write_error(out, self.error))
+        return {name: self.files[index] for name, index in sorted(self.shard_of.items())}
+
+    def stop(self) -> None:
+        """Abandon the stream (the writer thread exits; files are removed with the temp directory)."""
+        self.stopped = True
+        while True:  # make room, then wake the thread if it waits for an item
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.queue.put(_STOP)
+        self.thread.join()

@@ -8,14 +8,20 @@ for the same recipe they produce bit-identical tensors.
 
 from __future__ import annotations
 
+import logging
+import shutil
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from evomerge.checkpoints.model_dir import ModelDir, TensorInfo
+from evomerge.checkpoints.layers import tensor_group
+from evomerge.checkpoints.model_dir import ModelDir, TensorInfo, torch_dtype_from_safetensors
 from evomerge.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES, ModelWriter
 from evomerge.errors import CheckpointError, RecipeError
 from evomerge.merging.inputs import MergeInputs, tensor_seed
@@ -33,20 +39,60 @@ __all__ = [
 ProgressCallback = Callable[[int, int, str], None]
 """Called after each tensor as ``progress(done, total, tensor_name)``."""
 
+WarningCallback = Callable[[str], None]
+"""Receives one-line warnings (non-finite inputs, differing vocabulary sizes)."""
 
-def check_compatible(reference: ModelDir, others: Sequence[ModelDir]) -> dict[str, TensorInfo]:
-    """Check that every model has the reference's tensors with the same shapes (headers only).
+_log = logging.getLogger("evomerge.merge")
 
-    Returns the reference's tensor infos; raises RecipeError naming the first differing tensor and model.
+PREFETCH = 2
+"""Tensors read ahead of the one being merged (reading overlaps computing and writing)."""
+
+
+def _architecture(model: ModelDir) -> str | None:
+    archs = model.config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    model_type = model.config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
+def _is_vocab_tensor(name: str) -> bool:
+    return tensor_group(name) in ("embed", "lm_head")
+
+
+def check_compatible(
+    reference: ModelDir, others: Sequence[ModelDir], *, shared_rows: dict[str, int] | None = None
+) -> dict[str, TensorInfo]:
+    """Check that every model has the reference's architecture and tensors with the same shapes (headers
+    only). Returns the reference's tensor infos; raises RecipeError naming the first differing tensor and
+    model.
+
+    With ``shared_rows`` (a dict to fill), embedding and lm_head tensors may differ in their first dimension
+    (vocabulary size): the number of rows all models share is recorded there instead of raising.
     """
+    ref_arch = _architecture(reference)
     ref_infos = reference.infos()
     for other in others:
+        arch = _architecture(other)
+        if ref_arch is not None and arch is not None and arch != ref_arch:
+            raise RecipeError(
+                f"models have different architectures: {reference.path} is {ref_arch}, {other.path} is {arch}"
+            )
         infos = other.infos()
         for name, info in ref_infos.items():
             theirs = infos.get(name)
             if theirs is None:
                 raise RecipeError(f"model {other.path} lacks tensor {name!r} that {reference.path} has")
-            if theirs.shape != info.shape:
+            if (
+                shared_rows is not None
+                and theirs.shape != info.shape
+                and _is_vocab_tensor(name)
+                and len(info.shape) == len(theirs.shape) >= 1
+                and info.shape[1:] == theirs.shape[1:]
+            ):
+                rows = min(shared_rows.get(name, info.shape[0]), theirs.shape[0])
+                shared_rows[name] = rows
+            elif theirs.shape != info.shape:
                 raise RecipeError(
                     f"tensor {name!r} has shape {list(theirs.shape)} in {other.path} "
                     f"but {list(info.shape)} in {reference.path}"
@@ -93,9 +139,88 @@ def _merge_one(
     inputs: MergeInputs,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    params, global_params = resolve_params(recipe, name, num_layers)
-    merged = method.kernel(inputs, params, global_params, tensor_seed(recipe.seed, name))
-    return merged.to(out_dtype)
+    return _run_kernel(method, recipe, name, num_layers, inputs).to(out_dtype)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the reader hands the merger for one tensor."""
+
+    name: str
+    inputs: MergeInputs | None
+    fixed: torch.Tensor | None
+    tail: torch.Tensor | None
+    """Reference rows beyond the vocabulary rows all models share (copied as they are)."""
+
+
+class _Reader:
+    """Reads and prepares one tensor of every model (runs on the prefetch thread)."""
+
+    def __init__(
+        self,
+        base: ModelDir | None,
+        experts: Sequence[ModelDir],
+        infos: dict[str, TensorInfo],
+        shared_rows: dict[str, int],
+        device: torch.device,
+        strict: bool,
+    ) -> None:
+        self.base = base
+        self.experts = experts
+        self.reference = base if base is not None else experts[0]
+        self.infos = infos
+        self.shared_rows = shared_rows
+        self.device = device
+        self.strict = strict
+        self.warnings: list[str] = []
+
+    def _read(self, model: ModelDir, name: str) -> torch.Tensor:
+        tensor = model.read(name)
+        rows = self.shared_rows.get(name)
+        if rows is not None:
+            tensor = tensor[:rows]
+        tensor = tensor.to(self.device, torch.float32, non_blocking=True)
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            message = f"{model.path}: tensor {name!r} has {int(bad.sum())} NaN/Inf values"
+            if self.strict:
+                raise CheckpointError(message + " (--strict)")
+            self.warnings.append(message + "; they propagate into the merge")
+        return tensor
+
+    def __call__(self, name: str) -> _Job:
+        if not self.infos[name].is_float:
+            return _Job(name, None, self.reference.read(name), None)
+        base = self._read(self.base, name) if self.base is not None else None
+        experts = [self._read(m, name) for m in self.experts]
+        inputs = MergeInputs.from_tensors(base, experts)
+        tail = None
+        rows = self.shared_rows.get(name)
+        if rows is not None and self.infos[name].shape[0] > rows:
+            tail = self.reference.read(name)[rows:]
+        return _Job(name, inputs, None, tail)
+
+
+def _check_disk_space(out_dir: Path, needed: int) -> None:
+    parent = out_dir.expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise CheckpointError(
+            f"not enough disk space for {out_dir}: the merged model needs {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free"
+        )
+
+
+def _run_kernel(
+    method: MergeMethod, recipe: MergeRecipe, name: str, num_layers: int, inputs: MergeInputs
+) -> torch.Tensor:
+    try:
+        params, global_params = resolve_params(recipe, name, num_layers)
+        return method.kernel(inputs, params, global_params, tensor_seed(recipe.seed, name))
+    except ValueError as exc:
+        raise RecipeError(f"tensor {name!r}: {exc}") from None
 
 
 def merge_streaming(
@@ -105,38 +230,87 @@ def merge_streaming(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: ProgressCallback | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = False,
+    allow_pickle: bool = False,
+    warn: WarningCallback | None = None,
 ) -> Path:
     """Merge tensor by tensor into ``out_dir``; returns the written directory.
 
-    Memory stays bounded by a few tensors plus one shard. Everything that can be checked is checked
-    before anything is written: the output path (OutputExistsError), the model directories
-    (CheckpointError), tensor names and shapes across models and per-layer list lengths (RecipeError).
-    On any failure ``out_dir`` is left untouched and no temporary directory remains.
+    Pipeline: a reader thread reads each input tensor once (``pread``, no memory map) up to
+    :data:`PREFETCH` tensors ahead and converts it to float32 on ``device``; the caller's thread runs the
+    kernel; a writer thread streams each result straight into its pre-planned safetensors shard. Peak
+    memory is a few tensors per model, whatever the model or shard size.
+
+    Everything that can be checked is checked before anything is written: the output path
+    (OutputExistsError), the model directories (CheckpointError; pickle-only weights are refused unless
+    ``allow_pickle``, then loaded with ``weights_only=True``), architectures, tensor names and shapes
+    across models, per-layer list lengths (RecipeError), and free disk space. Embedding/lm_head tensors
+    whose vocabulary sizes differ are merged over the rows all models share, the base's extra rows are
+    kept, and a warning says so (mergekit truncates the same way). NaN/Inf in an input tensor is a
+    warning naming it (``strict``: a CheckpointError). On any failure, including a full disk, ``out_dir``
+    is left untouched and no temporary directory remains.
     """
     method = recipe.method
+    say = warn if warn is not None else _log.warning
+    device = torch.device(device)
     writer = ModelWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
     with ExitStack() as stack:
-        base = stack.enter_context(ModelDir(recipe.base_model)) if recipe.base_model else None
-        experts = [stack.enter_context(ModelDir(entry.model)) for entry in recipe.expert_models()]
+
+        def open_model(path: str) -> ModelDir:
+            model = stack.enter_context(ModelDir(path, allow_pickle=allow_pickle))
+            if model.is_pickle:
+                say(f"{model.path}: loaded pickle weights with weights_only=True (--allow-pickle)")
+            return model
+
+        base = open_model(recipe.base_model) if recipe.base_model else None
+        experts = [open_model(entry.model) for entry in recipe.expert_models()]
         reference = base if base is not None else experts[0]
-        infos = check_compatible(reference, [m for m in experts if m is not reference])
+        shared_rows: dict[str, int] = {}
+        infos = check_compatible(
+            reference, [m for m in experts if m is not reference], shared_rows=shared_rows
+        )
+        for name, rows in shared_rows.items():
+            say(
+                f"vocabulary sizes differ for {name!r}: merged the {rows} rows all models share; rows "
+                f"{rows}..{infos[name].shape[0] - 1} are copied from {reference.path}"
+            )
         num_layers = reference.num_layers
         check_layer_lists(recipe, num_layers)
         tokenizer_dir = Path(recipe.tokenizer_path()).expanduser()
         if not tokenizer_dir.is_dir():
             raise CheckpointError(f"tokenizer_source is not a directory: {tokenizer_dir}")
         out_dtype = recipe.torch_dtype(reference.torch_dtype)
-
         names = list(infos)
-        with writer:
+        plan = [
+            (
+                n,
+                infos[n].shape,
+                out_dtype if infos[n].is_float else torch_dtype_from_safetensors(infos[n].dtype),
+            )
+            for n in names
+        ]
+        reader = _Reader(base, experts, infos, shared_rows, device, strict)
+        with writer, ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as pool:
+            writer.plan(plan)
+            _check_disk_space(writer.out_dir, writer.total_bytes)
+            pending: deque[Future[_Job]] = deque(pool.submit(reader, n) for n in names[:PREFETCH])
             for done, name in enumerate(names, start=1):
-                if not infos[name].is_float:
-                    writer.add(name, reference.read(name))  # integer/bool buffers: copied from the reference
+                job = pending.popleft().result()
+                if done - 1 + PREFETCH < len(names):
+                    pending.append(pool.submit(reader, names[done - 1 + PREFETCH]))
+                for message in reader.warnings:
+                    say(message)
+                reader.warnings.clear()
+                if job.inputs is None:
+                    assert job.fixed is not None
+                    writer.add(name, job.fixed)  # integer/bool buffers: copied from the reference
                 else:
-                    inputs = MergeInputs.from_tensors(
-                        base.read(name) if base is not None else None, [m.read(name) for m in experts]
-                    )
-                    writer.add(name, _merge_one(method, recipe, name, num_layers, inputs, out_dtype))
+                    merged = _run_kernel(method, recipe, name, num_layers, job.inputs).to(out_dtype)
+                    if job.tail is not None:
+                        merged = torch.cat([merged, job.tail.to(merged.device, out_dtype)])
+                    writer.add(name, merged)
+                del job
                 if progress is not None:
                     progress(done, len(names), name)
             return writer.finalize(
@@ -145,6 +319,7 @@ def merge_streaming(
                 tokenizer_source=tokenizer_dir,
                 model_card=model_card(recipe, title=writer.out_dir.name),
             )
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _path_key(path: str | Path) -> str:

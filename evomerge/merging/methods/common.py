@@ -52,11 +52,12 @@ def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``keep_count(numel, density)`` largest-magnitude entries of ``delta``, zero the rest.
+    """Keep exactly the ``keep_count(numel, density)`` largest-magnitude entries of ``delta``, zero the rest.
 
     The cut-off is the k-th largest magnitude found with ``torch.kthvalue`` (selection, no full sort).
-    Entries whose magnitude equals the cut-off are all kept, so exact ties at the threshold can keep a
-    few more than k entries (mergekit keeps an arbitrary k of them). Density >= 1 returns ``delta`` itself.
+    When several entries tie at the cut-off (common for task vectors of bf16 checkpoints), the ones that
+    come first in storage order are kept, which is what a stable descending sort (mergekit's) keeps.
+    Density >= 1 returns ``delta`` itself.
     """
     n = delta.numel()
     k = keep_count(n, density)
@@ -64,7 +65,14 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta
     magnitude = delta.abs()
     threshold = _kth_smallest(magnitude.flatten(), n - k + 1)
-    return torch.where(magnitude >= threshold, delta, 0.0)
+    keep = magnitude >= threshold
+    excess = int(keep.sum()) - k
+    if excess > 0:  # ties at the threshold: keep only the first `needed` of them
+        at = (magnitude == threshold).flatten()
+        needed = int(at.sum()) - excess
+        first = at & (torch.cumsum(at, dim=0) <= needed)
+        keep = (magnitude > threshold) | first.reshape(delta.shape)
+    return torch.where(keep, delta, 0.0)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
