@@ -85,13 +85,19 @@ def merge(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output model directory.")],
     overwrite: Annotated[bool, typer.Option(help="Replace the output directory if it exists.")] = False,
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 2GB, 500MB.")] = "2GB",
+    device: Annotated[str, typer.Option(help="Where kernels run: cpu, cuda or cuda:N.")] = "cpu",
+    strict: Annotated[bool, typer.Option(help="Make NaN/Inf in an input model an error.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Load pickle-only checkpoints (with weights_only=True).")
+    ] = False,
 ) -> None:
-    """Merge models by a recipe, streaming tensor by tensor to OUTPUT."""
+    """Merge models by a recipe (evomerge or mergekit YAML), streaming tensor by tensor to OUTPUT."""
     from evomerge.merging import MergeRecipe, merge_streaming
 
     if output.exists() and not overwrite:
         raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it")
     parsed = MergeRecipe.from_yaml(recipe)
+    torch_device = _check_device(device)
     with progress_bar("merging") as update:
         merge_streaming(
             parsed,
@@ -99,8 +105,28 @@ def merge(
             overwrite=overwrite,
             max_shard_bytes=_parse_size(shard_size),
             progress=lambda done, total, name: update(name, done, total),
+            device=torch_device,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            warn=lambda message: err_console.print(
+                f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True
+            ),
         )
     console.print(f"merged model written to {escape(str(output))}")
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {device!r} (cpu, cuda, cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: {device!r} is not supported (cpu, cuda, cuda:N)")
+    return device
 
 
 def _parse_size(text: str) -> int:
@@ -250,6 +276,9 @@ def export(
         Path | None, typer.Option(help="Also merge the recipe into this directory.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="Recipe format: evomerge, or mergekit (for mergekit-yaml).")
+    ] = "evomerge",
 ) -> None:
     """Write a trial's recipe (the best by default) as YAML, optionally merging it."""
     from evomerge.optimizer import export_trial, load_run, load_study
@@ -266,9 +295,10 @@ def export(
                 materialize=materialize,
                 overwrite=overwrite,
                 progress=lambda d, t, name: update(name, d, t),
+                fmt=fmt,
             )
     else:
-        chosen, _ = export_trial(study, out, trial=trial, overwrite=overwrite)
+        chosen, _ = export_trial(study, out, trial=trial, overwrite=overwrite, fmt=fmt)
     console.print(
         f"trial {chosen.number} (dev mean {chosen.user_attrs['mean']:.4f}) written to {escape(str(out))}"
     )

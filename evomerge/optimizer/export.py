@@ -84,10 +84,17 @@ def export_trial(
     materialize: Path | None = None,
     overwrite: bool = False,
     progress: Any = None,
+    fmt: str = "evomerge",
 ) -> tuple[FrozenTrial, MergeRecipe]:
-    """Write the trial's recipe to ``out`` (YAML); with ``materialize``, also merge it to that directory."""
+    """Write the trial's recipe to ``out`` (YAML); with ``materialize``, also merge it to that directory.
+
+    ``fmt`` is ``evomerge`` (our recipe format) or ``mergekit`` (a configuration ``mergekit-yaml`` reads;
+    RecipeError for methods mergekit lacks)."""
+    if fmt not in ("evomerge", "mergekit"):
+        raise ConfigError(f"--format must be evomerge or mergekit, got {fmt!r}")
     chosen = pick_trial(study, trial)
     recipe = trial_recipe(chosen)
+    text = recipe.to_mergekit_yaml() if fmt == "mergekit" else recipe.to_yaml()
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
     if materialize is not None and materialize.exists() and not overwrite:
@@ -96,7 +103,7 @@ def export_trial(
         f"# evomerge: study {study.study_name}, trial {chosen.number}, "
         f"dev mean {float(chosen.user_attrs['mean']):.4f}\n"
     )
-    write_text_atomic(out, header + recipe.to_yaml(), overwrite=overwrite)
+    write_text_atomic(out, header + text, overwrite=overwrite)
     if materialize is not None:
         merge_streaming(recipe, materialize, overwrite=overwrite, progress=progress)
     return chosen, recipe
