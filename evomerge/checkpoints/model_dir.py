@@ -179,8 +179,8 @@ class ModelDir:
         pickles = sorted(f.name for f in self._path.iterdir() if f.suffix in PICKLE_SUFFIXES)
         if pickles:
             return CheckpointError(
-                f"{self._path} holds only pickle weights ({listing(pickles)}); we never load pickle "
-                "weights, convert them to safetensors first"
+                f"{self._path} holds only pickle weights ({listing(pickles)}); they are refused unless "
+                "you allow pickle (--allow-pickle loads them with weights_only=True)"
             )
         return CheckpointError(f"{self._path} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
 

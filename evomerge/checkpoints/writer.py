@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -388,7 +389,8 @@ class _ShardStream:
                     break
         finally:
             if handle is not None:
-                handle.close()
+                with contextlib.suppress(OSError):  # the write error was recorded; closing may fail too
+                    handle.close()
 
     def finish(self, out: Path) -> dict[str, str]:
         """Wait for the writes; the weight map. CheckpointError when a write failed."""
