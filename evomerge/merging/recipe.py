@@ -346,6 +346,10 @@ class MergeRecipe(BaseModel):
         data = self.to_dict()
         for key in ("seed", "num_layers", "dtype", "out_dtype"):
             data.pop(key, None)
+        if data.get("tokenizer_source") == "base":
+            # mergekit copies the base tokenizer by default; an explicit tokenizer_source would switch it
+            # to its tokenizer-merging path, which needs every model's tokenizer
+            data.pop("tokenizer_source")
         data["dtype"] = "float32"
         output = self.out_dtype or self.dtype
         if output is not None and output != "float32":
