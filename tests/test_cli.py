@@ -384,6 +384,24 @@ def test_search_then_export(home: Zoo, tmp_path: Path, capsys: pytest.CaptureFix
     assert MergeRecipe.from_yaml(exported) == trial_recipe(other)
     assert_model_equals_merge(model_dir, trial_recipe(other), home)
 
+    # --format mergekit: a configuration mergekit reads, merging the same tensors
+    mk_file = tmp_path / "mergekit.yaml"
+    assert run(["export", run_dir, "-o", mk_file, "--format", "mergekit"]) == 0
+    mk = yaml.safe_load(mk_file.read_text())
+    assert mk["dtype"] == "float32" and "seed" not in mk and mk["merge_method"] == recipe.merge_method
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(mk), str(tmp_path / "mk-out"), options=MergeOptions())
+    theirs = load_file(str(next((tmp_path / "mk-out").glob("*.safetensors"))))
+    ours = InMemoryMerger(home.base, list(home.experts.values())).merge(recipe)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor.float(), theirs[name].float(), rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert run(["export", run_dir, "-o", mk_file, "--overwrite", "--format", "safetensors"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "--format")
+
     capsys.readouterr()
     assert run(["export", run_dir, "--trial", 42]) == 2
     assert_one_error_line(capsys.readouterr().err, "no trial 42")

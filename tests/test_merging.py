@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -803,3 +804,52 @@ def test_in_memory_on_cuda_matches_cpu(
     for name, tensor in on_gpu.items():
         assert tensor.device.type == "cuda"
         torch.testing.assert_close(tensor.cpu(), on_cpu[name], msg=name)
+
+
+# ============================================================================ rsaf
+def test_rsaf_keep_ratio_rule() -> None:
+    from evomerge.merging.methods.rsaf import HALF_NORMAL_SKEWNESS, keep_ratios
+
+    same = keep_ratios(
+        [0.1, 0.1], [HALF_NORMAL_SKEWNESS] * 2, [0.4, 0.4], rate_gain=0.5, skew_gain=0.5, min_density=0.01
+    )
+    assert same == pytest.approx([0.4, 0.4])  # equal rates, Gaussian-like skew: the base density
+    rates = keep_ratios(
+        [0.2, 0.05], [HALF_NORMAL_SKEWNESS] * 2, [0.4, 0.4], rate_gain=0.5, skew_gain=0.0, min_density=0.01
+    )
+    assert rates[0] > 0.4 > rates[1]  # the model that changed the tensor more keeps more
+    assert rates[0] == pytest.approx(0.4 * (1 + 0.5 * math.tanh(math.log(2.0))))
+    skew = keep_ratios(
+        [0.1, 0.1], [4.0, HALF_NORMAL_SKEWNESS], [0.4, 0.4], rate_gain=0.0, skew_gain=0.5, min_density=0.01
+    )
+    assert skew[0] == pytest.approx(0.4 * math.sqrt(HALF_NORMAL_SKEWNESS / 4.0)) and skew[1] == pytest.approx(
+        0.4
+    )
+    clamped = keep_ratios(
+        [1.0, 1e-9], [0.01, 50.0], [0.9, 0.9], rate_gain=1.0, skew_gain=4.0, min_density=0.05
+    )
+    assert clamped == [1.0, 0.05]
+
+
+def test_rsaf_with_zero_gains_is_ties(random_inputs: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    base, experts = random_inputs
+    inputs = MergeInputs.from_tensors(base, experts[:2])
+    params = [{"weight": 0.6, "density": 0.4}, {"weight": 0.8, "density": 0.7}]
+    rsaf_globals = {**METHODS["rsaf"].global_params, "rate_gain": 0.0, "skew_gain": 0.0}
+    ties_globals = dict(METHODS["ties"].global_params)
+    torch.testing.assert_close(
+        _run("rsaf", inputs, params, rsaf_globals), _run("ties", inputs, params, ties_globals)
+    )
+    # with the default gains, the keep ratio adapts: a heavy-tailed task vector keeps fewer entries
+    heavy = torch.zeros(1000)
+    heavy[:10] = 5.0
+    heavy += 0.01 * torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    flat = torch.randn(1000, generator=torch.Generator().manual_seed(2)) * 0.5
+    zero = torch.zeros(1000)
+    for delta, fewer in ((heavy, True), (flat, False)):
+        merged = _run(
+            "rsaf", MergeInputs.from_tensors(zero + 1.0, [1.0 + delta]), [{"weight": 1.0, "density": 0.4}],
+            METHODS["rsaf"].global_params,
+        )  # fmt: skip
+        kept = int(((merged - 1.0) != 0).sum())
+        assert (kept < 400) if fewer else (kept >= 390), kept

@@ -44,8 +44,11 @@ WarningCallback = Callable[[str], None]
 
 _log = logging.getLogger("evomerge.merge")
 
-PREFETCH = 2
+PREFETCH = 3
 """Tensors read ahead of the one being merged (reading overlaps computing and writing)."""
+
+READERS = 2
+"""Reader threads (reading and converting is the bottleneck of the cheap methods)."""
 
 
 def _architecture(model: ModelDir) -> str | None:
@@ -151,6 +154,7 @@ class _Job:
     fixed: torch.Tensor | None
     tail: torch.Tensor | None
     """Reference rows beyond the vocabulary rows all models share (copied as they are)."""
+    warnings: list[str]
 
 
 class _Reader:
@@ -172,33 +176,55 @@ class _Reader:
         self.shared_rows = shared_rows
         self.device = device
         self.strict = strict
-        self.warnings: list[str] = []
 
-    def _read(self, model: ModelDir, name: str) -> torch.Tensor:
+    def _raw(self, model: ModelDir, name: str) -> torch.Tensor:
         tensor = model.read(name)
         rows = self.shared_rows.get(name)
-        if rows is not None:
-            tensor = tensor[:rows]
-        tensor = tensor.to(self.device, torch.float32, non_blocking=True)
-        bad = ~torch.isfinite(tensor)
-        if bool(bad.any()):
-            message = f"{model.path}: tensor {name!r} has {int(bad.sum())} NaN/Inf values"
-            if self.strict:
-                raise CheckpointError(message + " (--strict)")
-            self.warnings.append(message + "; they propagate into the merge")
-        return tensor
+        return tensor[:rows] if rows is not None else tensor
+
+    def _check(
+        self, model: ModelDir, name: str, tensor: torch.Tensor, source: torch.Tensor, warnings: list[str]
+    ) -> None:
+        """Warn (or, strict, fail) when ``source`` holds NaN/Inf; ``tensor`` is a float32 tensor derived
+        from it elementwise, whose sum (one read-only pass) is non-finite whenever ``source`` is."""
+        if bool(torch.isfinite(tensor.sum())):
+            return
+        bad = int((~torch.isfinite(source)).sum())
+        if bad == 0:  # the sum overflowed on large finite values
+            return
+        message = f"{model.path}: tensor {name!r} has {bad} NaN/Inf values"
+        if self.strict:
+            raise CheckpointError(message + " (--strict)")
+        warnings.append(message + "; they propagate into the merge")
 
     def __call__(self, name: str) -> _Job:
         if not self.infos[name].is_float:
-            return _Job(name, None, self.reference.read(name), None)
-        base = self._read(self.base, name) if self.base is not None else None
-        experts = [self._read(m, name) for m in self.experts]
-        inputs = MergeInputs.from_tensors(base, experts)
+            return _Job(name, None, self.reference.read(name), None, [])
+        warnings: list[str] = []
+        if self.base is None:
+            experts: list[torch.Tensor] = []
+            for model in self.experts:
+                raw = self._raw(model, name)
+                x = raw.to(self.device, torch.float32)
+                self._check(model, name, x, raw, warnings)
+                experts.append(x)
+            inputs = MergeInputs(base=None, experts=tuple(experts))
+        else:
+            raw_base = self._raw(self.base, name)
+            base = raw_base.to(self.device, torch.float32)
+            self._check(self.base, name, base, raw_base, warnings)
+            deltas: list[torch.Tensor] = []
+            for model in self.experts:
+                raw = self._raw(model, name).to(self.device)
+                delta = torch.sub(raw, base)  # promoted to float32 in one pass: x_i - b
+                self._check(model, name, delta, raw, warnings)
+                deltas.append(delta)
+            inputs = MergeInputs(base=base, deltas=tuple(deltas))
         tail = None
         rows = self.shared_rows.get(name)
         if rows is not None and self.infos[name].shape[0] > rows:
             tail = self.reference.read(name)[rows:]
-        return _Job(name, inputs, None, tail)
+        return _Job(name, inputs, None, tail, warnings)
 
 
 def _check_disk_space(out_dir: Path, needed: int) -> None:
@@ -237,7 +263,7 @@ def merge_streaming(
 ) -> Path:
     """Merge tensor by tensor into ``out_dir``; returns the written directory.
 
-    Pipeline: a reader thread reads each input tensor once (``pread``, no memory map) up to
+    Pipeline: :data:`READERS` reader threads read each input tensor once (``pread``, no memory map) up to
     :data:`PREFETCH` tensors ahead and converts it to float32 on ``device``; the caller's thread runs the
     kernel; a writer thread streams each result straight into its pre-planned safetensors shard. Peak
     memory is a few tensors per model, whatever the model or shard size.
@@ -291,7 +317,7 @@ def merge_streaming(
             for n in names
         ]
         reader = _Reader(base, experts, infos, shared_rows, device, strict)
-        with writer, ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as pool:
+        with writer, ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="evomerge-read") as pool:
             writer.plan(plan)
             _check_disk_space(writer.out_dir, writer.total_bytes)
             pending: deque[Future[_Job]] = deque(pool.submit(reader, n) for n in names[:PREFETCH])
@@ -299,9 +325,8 @@ def merge_streaming(
                 job = pending.popleft().result()
                 if done - 1 + PREFETCH < len(names):
                     pending.append(pool.submit(reader, names[done - 1 + PREFETCH]))
-                for message in reader.warnings:
+                for message in job.warnings:
                     say(message)
-                reader.warnings.clear()
                 if job.inputs is None:
                     assert job.fixed is not None
                     writer.add(name, job.fixed)  # integer/bool buffers: copied from the reference

@@ -41,7 +41,7 @@ class MergeInputs:
         if base is None:
             return cls(base=None, experts=tuple(x.float() for x in experts))
         b = base.float()
-        return cls(base=b, deltas=tuple(x.float() - b for x in experts))
+        return cls(base=b, deltas=tuple(torch.sub(x, b) for x in experts))  # one pass, promoted to float32
 
     @property
     def count(self) -> int:
