@@ -233,7 +233,7 @@ def combine(
             total = float(sum(weights))
             if abs(total) >= 1e-8:
                 summed.div_(total)
-        return torch.add(base, summed, alpha=lam)
+        return _add_base(base, summed, lam)
 
     sign = torch.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].clone()
     for wd in weighted[2:]:
@@ -251,7 +251,15 @@ def combine(
     merged.mul_(sign)
     if divisor is not None:
         merged.div_(divisor_or_one(divisor))
-    return torch.add(base, merged, alpha=lam)
+    return _add_base(base, merged, lam)
+
+
+def _add_base(base: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
+    """``b + lambda * merged``, in place in ``merged`` (the caller's own), multiplying first as mergekit
+    does."""
+    if lam != 1.0:
+        merged.mul_(lam)
+    return merged.add_(base)
 
 
 def check_param_sets(params: Sequence[Mapping[str, float]], inputs: MergeInputs) -> None:
