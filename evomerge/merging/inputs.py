@@ -105,4 +105,4 @@ def tensor_seed(seed: int, tensor_name: str) -> int:
 
 def divisor_or_one(value: torch.Tensor) -> torch.Tensor:
     """``value`` with exact zeros replaced by 1 (the usual guard for normalising divisors)."""
-    return torch.where(value == 0, torch.ones_like(value), value)
+    return torch.add(value, value == 0)  # adds 1 exactly where value is 0

@@ -52,7 +52,7 @@ def merge(
     deltas = [inputs.delta(i) for i in range(inputs.count)]
     mask = _variance_mask(deltas, float(global_params["select_topk"]))
     if mask is not None:
-        deltas = [torch.where(mask, d, 0.0) for d in deltas]
+        deltas = [d * mask for d in deltas]
     energy = [float(d.square().mean()) for d in deltas]
     total = sum(energy)
     weights = [1.0 / len(deltas)] * len(deltas) if abs(total) < 1e-6 else [e / total for e in energy]
