@@ -635,6 +635,31 @@ def test_in_memory_subset_reordered_and_base_listed(
     assert all(torch.equal(written[n], t) for n, t in in_memory.items())
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "della_linear"])
+def test_random_masks_do_not_depend_on_order_or_executor(
+    method: str, tmp_path: Path, family: tuple[Any, Path, list[Path]], merger: InMemoryMerger
+) -> None:
+    """Masks are seeded by (recipe seed, tensor name, position in the recipe): the streaming executor, a
+    merger that loaded the experts in the other order, and tensors merged in reverse order all agree."""
+    _, base, experts = family
+    recipe = _recipe(method, base, experts, seed=11)
+    streamed = _read_all(merge_streaming(recipe, tmp_path / "out"))
+    swapped = InMemoryMerger(base, list(reversed(experts))).merge(recipe)
+    forward = merger.merge(recipe)
+    assert streamed.keys() == forward.keys() == swapped.keys()
+    for name in forward:
+        assert torch.equal(streamed[name], forward[name]) and torch.equal(swapped[name], forward[name]), name
+    # one tensor on its own, whatever came before it: its kernel seed depends on its name only
+    name = "model.layers.1.mlp.up_proj.weight"
+    params, global_params = resolve_params(recipe, name, merger.num_layers)
+    with ModelDir(base) as b, ModelDir(experts[0]) as x0, ModelDir(experts[1]) as x1:
+        inputs = MergeInputs.from_tensors(b.read(name), [x0.read(name), x1.read(name)])
+    alone = METHODS[method].kernel(inputs, params, global_params, tensor_seed(recipe.seed, name))
+    assert torch.equal(alone, forward[name])
+    other = _recipe(method, base, experts, seed=12)
+    assert not torch.equal(merger.merge(other)[name], forward[name])
+
+
 def test_linear_without_base(tmp_path: Path, family: tuple[Any, Path, list[Path]]) -> None:
     _, _, experts = family
     recipe = MergeRecipe.model_validate(
@@ -804,6 +829,21 @@ def test_in_memory_on_cuda_matches_cpu(
     for name, tensor in on_gpu.items():
         assert tensor.device.type == "cuda"
         torch.testing.assert_close(tensor.cpu(), on_cpu[name], msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_streaming_on_cuda_matches_cpu(
+    method: str, tmp_path: Path, family: tuple[Any, Path, list[Path]]
+) -> None:
+    """--device cuda: same masks (drawn on CPU), same selections, equal up to float32 rounding."""
+    _, base, experts = family
+    recipe = _recipe(method, base, experts)
+    on_gpu = _read_all(merge_streaming(recipe, tmp_path / "gpu", device="cuda"))
+    on_cpu = _read_all(merge_streaming(recipe, tmp_path / "cpu"))
+    for name, tensor in on_cpu.items():
+        torch.testing.assert_close(on_gpu[name], tensor, msg=name)
 
 
 # ============================================================================ rsaf

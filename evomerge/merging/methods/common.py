@@ -160,25 +160,31 @@ def model_generator(seed: int, model_index: int) -> torch.Generator:
     return generator
 
 
-_LANE_BITS = 15
-_LANE_SCALE = float(1 << _LANE_BITS)
+_LANE_SCALE = 65536.0
+_LANE_OFFSET = 32768.0
 
 
 def _random_lanes(reference: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Uniform integers in ``[0, 2**15)`` with ``reference``'s shape, drawn on CPU (so the same on every
-    device): each 64-bit draw is split into four 15-bit lanes, 7x faster than drawing floats."""
+    """Uniform 16-bit integers (int16, ``[-32768, 32767]``) with ``reference``'s shape, drawn on CPU (so
+    the same on every device): each full-range 64-bit draw is split into four lanes, several times faster
+    than drawing floats."""
     n = reference.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=generator)
-    lanes = words.view(torch.int16)[:n].bitwise_and_((1 << _LANE_BITS) - 1)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    lanes = words.view(torch.int16)[:n]
     return lanes.reshape(reference.shape).to(reference.device)
 
 
+def _lane_threshold(probability: float) -> float:
+    """Lanes below this value occur with the given probability (quantised to 1/65536)."""
+    return round(probability * _LANE_SCALE) - _LANE_OFFSET
+
+
 def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE's drop: keep each entry independently with probability ``density`` (quantised to 1/32768;
+    """DARE's drop: keep each entry independently with probability ``density`` (quantised to 1/65536;
     no rescaling here)."""
     if density >= 1.0:
         return delta
-    keep = _random_lanes(delta, generator) < round(density * _LANE_SCALE)
+    keep = _random_lanes(delta, generator) < _lane_threshold(density)
     return delta * keep  # a multiply by the bool mask: 2.5x faster than torch.where
 
 
@@ -300,7 +306,7 @@ def sparsify(
     if how == "random":
         return random_keep(delta, density, generator)
     probabilities = della_keep_probabilities(delta, density, float(model_params["epsilon"]))
-    keep = _random_lanes(delta, generator) < probabilities.mul_(_LANE_SCALE)
+    keep = _random_lanes(delta, generator) < probabilities.mul_(_LANE_SCALE).sub_(_LANE_OFFSET)
     return delta * keep  # a multiply by the bool mask: 2.5x faster than torch.where
 
 
