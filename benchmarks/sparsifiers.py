@@ -6,8 +6,10 @@ Usage (numbers in docs/benchmarks.md):
     .venv/bin/python benchmarks/sparsifiers.py --preset tiny
 
 Every method merges the zoo's three experts into its base with the same per-expert weight (1.0; sce has
-no weights) and the same density; random methods use recipe seeds 0, 1 and 2 and report the mean. Scores
-are on the test split, which no search has looked at.
+no weights), the same density and TIES sign election with ``normalize: true`` (the default of ties, rsaf
+and della; set explicitly for dare_ties and breadcrumbs_ties, whose mergekit default would sum the three
+task vectors instead), so only the sparsifier differs. Random methods use recipe seeds 0, 1 and 2 and
+report the mean. Scores are on the test split, which no search has looked at.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def main() -> None:
             if method == "della":
                 params["epsilon"] = round(min(0.15, density / 2, (1 - density) / 2), 4)
             seeds = (0, 1, 2) if method in RANDOM else (0,)
-            means = [score(method, params, seed)[0] for seed in seeds]
+            means = [score(method, params, seed, {"normalize": True})[0] for seed in seeds]
             cells.append(f"{sum(means) / len(means):.3f}")
         print(f"| {method} | " + " | ".join(cells) + " |")
     for topk in (0.1, 0.5, 1.0):
