@@ -10,8 +10,9 @@ Granularity:
 - ``layer``: one value per layer.
 
 Group values become a per-layer list of length ``num_layers`` in the recipe, so the recipe's linear
-interpolation (position ``l/(n-1)`` over ``n`` entries) lands exactly on layer ``l``'s value; embeddings
-take the first layer's value and the final norm / lm_head the last one, as for any per-layer list.
+interpolation (position ``l/(n-1)`` over ``n`` entries) lands exactly on layer ``l``'s value; tensors
+outside the layer stack (embeddings, final norm, lm_head) take the first layer's value, as for any
+per-layer list (mergekit's rule).
 """
 
 from __future__ import annotations
