@@ -230,6 +230,27 @@ def test_search_with_a_missing_model(tmp_path: Path, home: Zoo, capsys: pytest.C
     assert not runs.exists()
 
 
+def test_search_with_a_task_without_dev(
+    tmp_path: Path, home: Zoo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tasks = [t.model_dump(mode="json") for t in home.tasks]
+    tasks[1]["data_files"] = {"test": tasks[1]["data_files"]["test"]}
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "study_name": "s",
+                "runs_dir": str(tmp_path / "runs"),
+                "models": {"base": home.base, "experts": list(home.experts.values())},
+                "tasks": tasks,
+            }
+        )
+    )
+    assert run(["search", cfg]) == 2
+    assert_one_error_line(capsys.readouterr().err, "tasks[1]", tasks[1]["name"], "no 'dev' data file")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_export_of_a_directory_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["export", tmp_path]) == 2
     assert_one_error_line(capsys.readouterr().err, "sweep.json")

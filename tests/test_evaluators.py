@@ -24,6 +24,7 @@ from evomerge.evaluators import (
     load_split,
     score,
 )
+from evomerge.evaluators.tasks import load_fewshot
 
 # --------------------------------------------------------------------------------------------- scoring
 
@@ -662,3 +663,57 @@ def test_evaluate_config_errors(backend: HFBackend, tmp_path: Path) -> None:
         evaluate(backend, [task, task], "dev", tmp_path)
     with pytest.raises(ConfigError, match="no data file for split 'test'"):
         evaluate(backend, [task], "test", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- formats, splits
+def test_one_file_for_dev_and_test_is_split_disjointly(tmp_path: Path) -> None:
+    rows = [{"id": str(i), "question": f"q{i}", "answer": str(i)} for i in range(50)]
+    write_jsonl(tmp_path / "all.jsonl", rows)
+    task = TaskConfig(name="t", data_files={"dev": "all.jsonl", "test": "all.jsonl"}, dev_fraction=0.3)
+    dev, test = load_split(task, "dev", tmp_path), load_split(task, "test", tmp_path)
+    assert (len(dev), len(test)) == (15, 35)
+    assert not {e.id for e in dev} & {e.id for e in test}
+    assert {e.id for e in dev} | {e.id for e in test} == {str(i) for i in range(50)}
+    assert [e.id for e in dev] == sorted((e.id for e in dev), key=int)  # file order
+    assert load_split(task, "dev", tmp_path) == dev  # fixed for the seed
+    other = TaskConfig(
+        name="t", data_files={"dev": "all.jsonl", "test": "all.jsonl"}, dev_fraction=0.3, seed=1
+    )
+    assert load_split(other, "dev", tmp_path) != dev
+    sized = TaskConfig(name="t", data_files={"dev": "all.jsonl", "test": "all.jsonl"}, dev_size=20)
+    assert len(load_split(sized, "dev", tmp_path)) == 20
+    too_many = TaskConfig(name="t", data_files={"dev": "all.jsonl", "test": "all.jsonl"}, dev_size=40)
+    with pytest.raises(ConfigError, match="has only 25 examples in this split"):
+        load_split(too_many, "dev", tmp_path)
+
+
+def test_fewshot_examples_come_from_train(tmp_path: Path) -> None:
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"id": str(i), "question": f"{i}+{i}", "answer": str(2 * i)} for i in range(5)],
+    )
+    task = TaskConfig(name="t", data_files={"dev": "train.jsonl", "train": "train.jsonl"}, fewshot=2)
+    shots = load_fewshot(task, tmp_path)
+    assert [s.question for s in shots] == ["0+0", "1+1"]
+    assert task.prompt("7+7", shots) == "Q: 0+0\nA: 0\n\nQ: 1+1\nA: 2\n\nQ: 7+7\nA:"
+    with pytest.raises(ValidationError, match="needs a 'train' file"):
+        TaskConfig(name="t", data_files={"dev": "train.jsonl"}, fewshot=1)
+    greedy = TaskConfig(name="t", data_files={"dev": "train.jsonl", "train": "train.jsonl"}, fewshot=9)
+    with pytest.raises(ConfigError, match="fewshot=9"):
+        load_fewshot(greedy, tmp_path)
+
+
+def test_chat_template_prompts_and_missing_template(backend: HFBackend, tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "dev.jsonl", [{"id": "1", "question": "2+2?", "answer": "4"}])
+    task = TaskConfig(name="chatty", data_files={"dev": "dev.jsonl"}, chat=True, max_new_tokens=2)
+    assert not getattr(backend.tokenizer, "chat_template", None)
+    with pytest.raises(ConfigError, match=r"task 'chatty'.*tokenizer has none"):
+        evaluate(backend, [task], "dev", tmp_path)
+    backend.tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    )
+    try:
+        result = evaluate(backend, [task], "dev", tmp_path)
+    finally:
+        backend.tokenizer.chat_template = None
+    assert result.tasks["chatty"].records[0].prompt == "<|user|>Q: 2+2?\nA:<|assistant|>"

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from evomerge.errors import ConfigError, EvaluationError
 from evomerge.evaluators.scoring import extract_answer, score
-from evomerge.evaluators.tasks import Example, Split, TaskConfig, load_split
+from evomerge.evaluators.tasks import Example, Split, TaskConfig, load_fewshot, load_split
 
 __all__ = ["EvalResult", "Generator", "ProgressFn", "QuestionRecord", "TaskResult", "evaluate"]
 
@@ -87,6 +87,16 @@ class EvalResult(BaseModel):
         return {name: result.score for name, result in self.tasks.items()}
 
 
+def _chat_prompts(backend: Generator, task: TaskConfig, prompts: list[str]) -> list[str]:
+    chat = getattr(backend, "chat_prompt", None)
+    if chat is None:
+        raise ConfigError(f"task {task.name!r} asks for a chat template but this backend cannot apply one")
+    try:
+        return [chat(p) for p in prompts]
+    except ConfigError as exc:
+        raise ConfigError(f"task {task.name!r}: {exc}") from None
+
+
 def evaluate(
     backend: Generator,
     tasks: Sequence[TaskConfig],
@@ -114,7 +124,10 @@ def evaluate(
     for task in tasks:
         t0 = time.perf_counter()
         examples[task.name] = load_split(task, split, base_dir)
-        prompts[task.name] = [task.prompt(ex.question) for ex in examples[task.name]]
+        shots = load_fewshot(task, base_dir)
+        prompts[task.name] = [task.prompt(ex.question, shots) for ex in examples[task.name]]
+        if task.chat:
+            prompts[task.name] = _chat_prompts(backend, task, prompts[task.name])
         seconds[task.name] = time.perf_counter() - t0
 
     groups: dict[tuple[int, tuple[str, ...]], list[TaskConfig]] = {}

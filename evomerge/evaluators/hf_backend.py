@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import CheckpointError, EvaluationError
+from evomerge.errors import CheckpointError, ConfigError, EvaluationError
 
 __all__ = ["HFBackend", "check_finite", "cut_at_stop"]
 
@@ -113,6 +113,18 @@ class HFBackend:
         return next(iter(self.model.parameters())).device  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ generation
+
+    def chat_prompt(self, prompt: str) -> str:
+        """``prompt`` as one user turn in the tokenizer's chat template, ready for the assistant's answer.
+
+        ConfigError when the tokenizer has no chat template.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError("the task asks for a chat template but the model's tokenizer has none")
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
 
     def generate(
         self,

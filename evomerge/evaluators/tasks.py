@@ -1,6 +1,16 @@
 """Evaluation tasks: their configuration and their fixed dev/test question sets.
 
-A task is a JSONL file per split; each line is ``{"id": str, "question": str, "answer": str}``. The
+A task is a JSONL file per split whose record format follows the task's scoring ``kind``:
+
+- ``exact_match`` / ``numeric`` (the zoo's tasks): ``{"id", "question", "answer"}``;
+- ``gsm8k``: ``{"question", "answer"}`` (the answer a worked solution ending in ``#### N``);
+- ``math``: ``{"problem", "solution"}`` (the solution holding ``\boxed{...}``);
+- ``multiple_choice``: ``{"question", "choices": [...], "answer"}`` (a letter, or the 0-based index);
+- ``humaneval``: ``{"task_id", "prompt", "test", "entry_point"}`` (the form of OpenAI's HumanEval).
+
+``id`` is optional except for the zoo format (the line number stands in). When ``dev`` and ``test``
+name the same file, the file is split in two by a permutation seeded with ``seed`` (``dev_fraction`` of
+it is dev), so the two never share a question. ``fewshot`` examples come from the ``train`` file. The
 fitness of a candidate only ever uses the ``dev`` split; ``test`` is for reports. :func:`load_split`
 returns a fixed subset for a given seed, so every candidate of a search sees the same questions.
 """
@@ -9,18 +19,20 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.evaluators.scoring import KINDS, check_reference
 
-__all__ = ["Example", "Split", "TaskConfig", "load_split"]
+__all__ = ["DataSplit", "Example", "Split", "TaskConfig", "load_fewshot", "load_split"]
 
 Split = Literal["dev", "test"]
+DataSplit = Literal["dev", "test", "train"]
 
 
 class TaskConfig(BaseModel):
@@ -35,8 +47,14 @@ class TaskConfig(BaseModel):
 
     name: str = Field(min_length=1)
     kind: str = "exact_match"
-    data_files: dict[Split, str]
+    data_files: dict[DataSplit, str]
     prompt_template: str = "Q: {question}\nA:"
+    fewshot: int = Field(default=0, ge=0)
+    """Worked examples from the ``train`` file put before each question."""
+    chat: bool = False
+    """Wrap each prompt in the model's chat template (as one user turn)."""
+    dev_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """The share of a file that is dev when ``dev`` and ``test`` name the same file."""
     max_new_tokens: int = Field(default=16, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     dev_size: int | None = Field(default=None, ge=1)
@@ -73,17 +91,21 @@ class TaskConfig(BaseModel):
 
     @model_validator(mode="after")
     def _has_files(self) -> TaskConfig:
-        if not self.data_files:
+        if not {"dev", "test"} & set(self.data_files):
             raise ValueError("data_files must name at least one split ('dev' or 'test')")
+        if self.fewshot and "train" not in self.data_files:
+            raise ValueError(f"fewshot={self.fewshot} needs a 'train' file in data_files")
         return self
 
     def size(self, split: Split) -> int | None:
         """The subset size asked for ``split`` (None: all questions)."""
         return self.dev_size if split == "dev" else self.test_size
 
-    def prompt(self, question: str) -> str:
-        """The prompt for ``question``."""
-        return self.prompt_template.format(question=question)
+    def prompt(self, question: str, shots: Sequence[Example] = ()) -> str:
+        """The prompt for ``question``, after the worked examples ``shots`` (each its prompt and answer)."""
+        parts = [self.prompt_template.format(question=ex.question) + " " + ex.answer for ex in shots]
+        parts.append(self.prompt_template.format(question=question))
+        return "\n\n".join(parts)
 
 
 @dataclass(frozen=True)
@@ -109,16 +131,83 @@ def _field(task: str, path: Path, lineno: int, record: dict[str, object], key: s
     return value
 
 
-def _read_jsonl(task: TaskConfig, path: Path) -> list[Example]:
+_LETTERS = "ABCDEFGHIJ"
+
+
+def _choices(task: str, path: Path, lineno: int, record: dict[str, object]) -> tuple[str, str]:
+    """A multiple-choice record as (question with lettered choices, answer letter)."""
+    question = _field(task, path, lineno, record, "question")
+    choices = record.get("choices")
+    where = f"task {task!r}: {path} line {lineno}"
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(_LETTERS):
+        raise ConfigError(f"{where}: 'choices' must be a list of 2 to {len(_LETTERS)} strings")
+    if not all(isinstance(c, str) for c in choices):
+        raise ConfigError(f"{where}: every choice must be a string")
+    answer = record.get("answer")
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        letter = _LETTERS[answer]
+    elif isinstance(answer, str) and answer.strip().upper() in _LETTERS[: len(choices)]:
+        letter = answer.strip().upper()
+    else:
+        raise ConfigError(f"{where}: 'answer' must be a choice letter or a 0-based index, got {answer!r}")
+    lines = [question] + [f"{_LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    return "\n".join(lines), letter
+
+
+def _record(task: TaskConfig, path: Path, lineno: int, record: dict[str, object]) -> Example:
+    """One example from one JSONL record, in the format of the task's kind."""
+    name = task.name
+    fallback_id = str(lineno)
+
+    def optional_id(key: str) -> str:
+        return _field(name, path, lineno, record, key) if key in record else fallback_id
+
+    kind = task.kind
+    if kind == "gsm8k":
+        return Example(
+            optional_id("id"),
+            _field(name, path, lineno, record, "question"),
+            _field(name, path, lineno, record, "answer"),
+        )
+    if kind == "math":
+        return Example(
+            optional_id("id"),
+            _field(name, path, lineno, record, "problem"),
+            _field(name, path, lineno, record, "solution"),
+        )
+    if kind == "multiple_choice":
+        question, letter = _choices(name, path, lineno, record)
+        return Example(optional_id("id"), question, letter)
+    if kind == "humaneval":
+        prompt = _field(name, path, lineno, record, "prompt")
+        problem = {
+            "prompt": prompt,
+            "test": _field(name, path, lineno, record, "test"),
+            "entry_point": _field(name, path, lineno, record, "entry_point"),
+        }
+        return Example(optional_id("task_id"), prompt, json.dumps(problem))
+    return Example(
+        _field(name, path, lineno, record, "id"),
+        _field(name, path, lineno, record, "question"),
+        _field(name, path, lineno, record, "answer"),
+    )
+
+
+def _records(task: TaskConfig, path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every JSONL line (``.jsonl.gz`` read through gzip)."""
     name = task.name
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".gz":
+            import gzip
+
+            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"task {name!r}: data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise ConfigError(f"task {name!r}: cannot read data file {path}: {exc}") from None
-    examples: list[Example] = []
-    seen: dict[str, int] = {}
+    out: list[tuple[int, dict[str, Any]]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -130,11 +219,16 @@ def _read_jsonl(task: TaskConfig, path: Path) -> list[Example]:
             raise ConfigError(
                 f"task {name!r}: {path} line {lineno}: expected a JSON object, got {type(record).__name__}"
             )
-        example = Example(
-            id=_field(name, path, lineno, record, "id"),
-            question=_field(name, path, lineno, record, "question"),
-            answer=_field(name, path, lineno, record, "answer"),
-        )
+        out.append((lineno, record))
+    return out
+
+
+def _read_jsonl(task: TaskConfig, path: Path) -> list[Example]:
+    name = task.name
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    for lineno, record in _records(task, path):
+        example = _record(task, path, lineno, record)
         if example.id in seen:
             raise ConfigError(
                 f"task {name!r}: {path} line {lineno}: duplicate id {example.id!r} "
@@ -151,12 +245,25 @@ def _read_jsonl(task: TaskConfig, path: Path) -> list[Example]:
     return examples
 
 
-def resolve_path(task: TaskConfig, split: Split, base_dir: str | Path) -> Path:
+def resolve_path(task: TaskConfig, split: DataSplit, base_dir: str | Path) -> Path:
     """The data file of ``split`` of ``task``, resolved against ``base_dir``."""
     if split not in task.data_files:
         raise ConfigError(f"task {task.name!r}: no data file for split {split!r}")
     path = Path(task.data_files[split]).expanduser()
     return path if path.is_absolute() else Path(base_dir) / path
+
+
+def _split_examples(task: TaskConfig, split: Split, base_dir: str | Path) -> tuple[Path, list[Example]]:
+    path = resolve_path(task, split, base_dir)
+    examples = _read_jsonl(task, path)
+    other: Split = "test" if split == "dev" else "dev"
+    if other in task.data_files and resolve_path(task, other, base_dir) == path:
+        order = list(range(len(examples)))
+        random.Random(f"split:{task.seed}").shuffle(order)
+        cut = max(1, min(len(order) - 1, round(len(order) * task.dev_fraction)))
+        chosen = sorted(order[:cut] if split == "dev" else order[cut:])
+        examples = [examples[i] for i in chosen]
+    return path, examples
 
 
 def load_split(task: TaskConfig, split: Split, base_dir: str | Path) -> list[Example]:
@@ -167,14 +274,25 @@ def load_split(task: TaskConfig, split: Split, base_dir: str | Path) -> list[Exa
     subset. Raises ConfigError for a missing file, a bad JSON line, a missing field, a duplicate id,
     a reference the task's scoring kind cannot read, an empty file, or a subset larger than the file.
     """
-    path = resolve_path(task, split, base_dir)
-    examples = _read_jsonl(task, path)
+    path, examples = _split_examples(task, split, base_dir)
     n = task.size(split)
     if n is None or n == len(examples):
         return examples
     if n > len(examples):
         raise ConfigError(
             f"task {task.name!r}: {split}_size={n} but {path} has only {len(examples)} examples"
+            + (" in this split" if task.data_files.get("dev") == task.data_files.get("test") else "")
         )
     picked = sorted(random.Random(task.seed).sample(range(len(examples)), n))
     return [examples[i] for i in picked]
+
+
+def load_fewshot(task: TaskConfig, base_dir: str | Path) -> list[Example]:
+    """The first ``fewshot`` examples of the task's ``train`` file (empty when ``fewshot`` is 0)."""
+    if not task.fewshot:
+        return []
+    path = resolve_path(task, "train", base_dir)
+    examples = _read_jsonl(task, path)
+    if len(examples) < task.fewshot:
+        raise ConfigError(f"task {task.name!r}: fewshot={task.fewshot} but {path} has {len(examples)}")
+    return examples[: task.fewshot]

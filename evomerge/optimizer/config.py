@@ -78,6 +78,11 @@ class SweepConfig(BaseModel):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: duplicate task name in {names}")
+        for i, task in enumerate(self.tasks):
+            if "dev" not in task.data_files:
+                raise ValueError(
+                    f"tasks[{i}] ({task.name!r}): no 'dev' data file; candidates are scored on dev only"
+                )
         return self
 
     @property
