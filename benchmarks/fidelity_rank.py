@@ -1,0 +1,101 @@
+"""How well does a small dev subset rank candidates, compared with the full dev set?
+
+Usage (numbers in docs/benchmarks.md):
+
+    .venv/bin/python benchmarks/fidelity_rank.py --preset tiny --recipes 30
+
+Draws ``--recipes`` random task-arithmetic recipes (one weight per expert and per layer, uniform in
+[0, 1.2], the demo's search space) on the zoo, scores each on the full dev split and on fixed seeded
+subsets of each size in ``--sizes`` (questions per task), and prints the Spearman rank correlation
+between each subset's mean score and the full dev mean, with the evaluation time per candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+from evomerge.evaluators import HFBackend, evaluate
+from evomerge.merging import InMemoryMerger, MergeRecipe
+from evomerge.zoo import build_zoo, resolve_config
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Average ranks (ties share the mean of their positions)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb) if va and vb else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--recipes", type=int, default=30)
+    ap.add_argument("--sizes", default="10,25,50,100")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    zoo = build_zoo(resolve_config(args.preset), args.cache_dir)
+    experts = list(zoo.experts.values())
+    backend = HFBackend.from_pretrained(zoo.base, batch_size=128)
+    merger = InMemoryMerger(zoo.base, experts)
+    layers = merger.num_layers
+    rng = random.Random(args.seed)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    full_tasks = list(zoo.tasks)
+    subsets = {n: [t.model_copy(update={"dev_size": n}) for t in full_tasks] for n in sizes}
+
+    full: list[float] = []
+    small: dict[int, list[float]] = {n: [] for n in sizes}
+    seconds: dict[int, float] = {n: 0.0 for n in [*sizes, 0]}
+    for _ in range(args.recipes):
+        models = [
+            {"model": e, "parameters": {"weight": [round(rng.uniform(0.0, 1.2), 4) for _ in range(layers)]}}
+            for e in experts
+        ]
+        recipe = MergeRecipe.model_validate(
+            {"merge_method": "task_arithmetic", "base_model": zoo.base, "models": models}
+        )
+        backend.load_state_dict(merger.merge(recipe))
+        t0 = time.perf_counter()
+        full.append(evaluate(backend, full_tasks, "dev", zoo.root).mean)  # type: ignore[arg-type]
+        seconds[0] += time.perf_counter() - t0
+        for n in sizes:
+            t0 = time.perf_counter()
+            small[n].append(evaluate(backend, subsets[n], "dev", zoo.root).mean)  # type: ignore[arg-type]
+            seconds[n] += time.perf_counter() - t0
+
+    per_task = len(zoo.tasks)
+    print(
+        f"{args.recipes} random per-layer task-arithmetic recipes on zoo {zoo.config.name} ({per_task} tasks)"
+    )
+    print("| questions per task | Spearman vs full dev | eval s per candidate |")
+    print("|---|---|---|")
+    for n in sizes:
+        print(f"| {n} | {spearman(small[n], full):.3f} | {seconds[n] / args.recipes:.3f} |")
+    full_n = zoo.config.dev_size
+    print(f"| {full_n} (full dev) | 1.000 | {seconds[0] / args.recipes:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
