@@ -628,3 +628,62 @@ def test_zoo_sweep_with_its_own_tasks_reads_them_next_to_the_yaml(
     assert sweep.base == micro_zoo.base
     examples = load_split(sweep.tasks[0], "dev", sweep.data_dir)
     assert [e.question for e in examples] == [json.loads(r)["question"] for r in rows]
+
+
+# ------------------------------------------------------------------------------------ multi-fidelity
+def test_multi_fidelity_prunes_a_bad_candidate_on_the_small_rung(
+    runs_dir: Path, zoo_cache: Path, evaluator: LocalEvaluator, micro_zoo: Zoo
+) -> None:
+    from evomerge.optimizer.config import FidelityConfig
+
+    space = SearchSpaceConfig(
+        method="task_arithmetic", params=(ParamRange(name="weight", low=0.0, high=4.0),), granularity="global"
+    )
+    sweep = zoo_sweep(
+        runs_dir,
+        zoo_cache,
+        "fidelity",
+        search_space=space,
+        sampler=SamplerConfig(name="random", seed=0),
+        n_trials=3,
+        fidelity=FidelityConfig(rungs=(6,), n_startup_trials=2),
+        # two sensible merges, then one that drowns the base in 4x task vectors, then sampled ones
+        seed_genomes=({"weight": 0.3}, {"weight": 0.4}, {"weight": 4.0}),
+    )
+    study = run_search(sweep, evaluator)
+    trials = study.get_trials(deepcopy=False)
+    bad = trials[2]
+    assert set(bad.params.values()) == {4.0}
+    assert bad.state == optuna.trial.TrialState.PRUNED
+    assert bad.user_attrs["pruned_at"] == 6
+    assert set(bad.intermediate_values) == {6}
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    for t in trials[:2]:  # the sensible ones reported their rung, then were scored on the full dev set
+        assert t.state == optuna.trial.TrialState.COMPLETE and set(t.intermediate_values) == {6}
+        assert set(t.user_attrs["rung_6"]) == set(TASKS)
+    # the rung score is the mean on fixed 6-question subsets of dev
+    recipe = trial_recipe(trials[0])
+    capped = [t.model_copy(update={"dev_size": 6}) for t in micro_zoo.tasks]
+    ref = Reference(micro_zoo)
+    ref.backend.load_state_dict(ref.merger.merge(recipe))
+    rung = evaluate(ref.backend, capped, "dev", micro_zoo.root)  # type: ignore[arg-type]
+    assert trials[0].intermediate_values[6] == pytest.approx(rung.mean)
+    assert bad.intermediate_values[6] < min(
+        trials[0].intermediate_values[6], trials[1].intermediate_values[6]
+    )
+
+
+def test_fidelity_config_validation() -> None:
+    from pydantic import ValidationError
+
+    from evomerge.optimizer.config import FidelityConfig
+
+    with pytest.raises(ValidationError, match="strictly increasing"):
+        FidelityConfig(rungs=(50, 20))
+    with pytest.raises(ValidationError, match="single-objective"):
+        SweepConfig(
+            study_name="x",
+            zoo="micro",
+            sampler=SamplerConfig(name="nsga2"),
+            fidelity=FidelityConfig(rungs=(5,)),
+        )

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.config_util import load_yaml, validate_model
 from evomerge.errors import ConfigError
@@ -31,6 +31,28 @@ class SamplerConfig(BaseModel):
     seed: int = 0
     n_startup_trials: int | None = Field(default=None, ge=0)
     population_size: int | None = Field(default=None, ge=2)
+
+
+class FidelityConfig(BaseModel):
+    """Multi-fidelity fitness: score a candidate on ``rungs`` questions per task first (fixed seeded subsets
+    of dev, smallest first), report each rung's mean to Optuna (``trial.report``), and let the pruner stop
+    candidates that are not competitive before the full dev set. Single-objective samplers only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rungs: tuple[int, ...] = Field(min_length=1)
+    pruner: Literal["median", "percentile"] = "median"
+    percentile: float = Field(default=50.0, gt=0.0, lt=100.0)
+    """For ``percentile``: a trial is pruned below this percentile of earlier trials at the same rung."""
+    n_startup_trials: int = Field(default=5, ge=0)
+    """Complete trials before any pruning."""
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(r < 1 for r in value) or list(value) != sorted(set(value)):
+            raise ValueError("rungs must be positive and strictly increasing")
+        return value
 
 
 class BackendConfig(BaseModel):
@@ -66,6 +88,7 @@ class SweepConfig(BaseModel):
     baseline_weights: tuple[float, ...] = (0.0, 1.0)
     materialize_best: bool = True
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    fidelity: FidelityConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -78,6 +101,8 @@ class SweepConfig(BaseModel):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: duplicate task name in {names}")
+        if self.fidelity is not None and self.multi_objective:
+            raise ValueError("fidelity: pruning needs a single-objective sampler (not nsga2)")
         for i, task in enumerate(self.tasks):
             if "dev" not in task.data_files:
                 raise ValueError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,10 +87,20 @@ class LocalEvaluator:
         self.base_state = self.backend.state_dict()
 
     def score_state(
-        self, state: Mapping[str, torch.Tensor], split: str, progress: EvalProgress | None = None
+        self,
+        state: Mapping[str, torch.Tensor],
+        split: str,
+        progress: EvalProgress | None = None,
+        *,
+        questions: int | None = None,
     ) -> EvalResult:
+        """Load ``state`` into the live model and score it; ``questions`` caps each task's question set at
+        a fixed seeded subset of that size (a multi-fidelity rung)."""
         self.backend.load_state_dict(state)
-        return evaluate(self.backend, self.sweep.tasks, split, self.sweep.data_dir, progress=progress)  # type: ignore[arg-type]
+        tasks = self.sweep.tasks
+        if questions is not None:
+            tasks = tuple(_capped(t, split, questions) for t in tasks)
+        return evaluate(self.backend, tasks, split, self.sweep.data_dir, progress=progress)  # type: ignore[arg-type]
 
     def score_recipe(
         self, recipe: MergeRecipe, split: str, progress: EvalProgress | None = None
@@ -106,6 +116,14 @@ class LocalEvaluator:
         with ModelDir(path) as md:
             state = {n: md.read(n).clone() for n in md.tensor_names()}
         return self.score_state(state, split, progress)
+
+
+def _capped(task: TaskConfig, split: str, questions: int) -> TaskConfig:
+    size = task.dev_size if split == "dev" else task.test_size
+    if size is not None and size <= questions:
+        return task
+    field = "dev_size" if split == "dev" else "test_size"
+    return task.model_copy(update={field: questions})
 
 
 def _one_line(err: BaseException) -> str:
@@ -167,6 +185,10 @@ def run_search(
         if outcome.state == "COMPLETE":
             done += 1
             failures = 0
+        elif (
+            outcome.state == "PRUNED"
+        ):  # a cheap early stop, not a failure; the budget counts complete trials
+            failures = 0
         else:
             failures += 1
             last_error = outcome.error or ""
@@ -179,6 +201,22 @@ def run_search(
     return study
 
 
+def _climb_rungs(
+    rungs: Sequence[int], evaluator: LocalEvaluator, recipe: MergeRecipe, trial: optuna.Trial
+) -> TrialOutcome | None:
+    """Score ``recipe`` on each rung's subset in turn, reporting to Optuna; the outcome of a pruned trial
+    (its last rung's scores kept as user attributes), or None when it earned the full dev set."""
+    state = evaluator.merger.merge(recipe)
+    for rung in rungs:
+        result = evaluator.score_state(state, "dev", questions=rung)
+        trial.report(result.mean, step=rung)
+        trial.set_user_attr(f"rung_{rung}", result.scores)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at", rung)
+            return TrialOutcome(trial.number, "PRUNED", result.mean, result.scores, None)
+    return None
+
+
 def _run_trial(
     config: SweepConfig,
     space: SearchSpace,
@@ -189,7 +227,14 @@ def _run_trial(
     try:
         recipe = space.to_recipe(trial.params)
         trial.set_user_attr("recipe", recipe.to_dict())
-        result, merge_s, eval_s = evaluator.score_recipe(recipe, "dev")
+        if config.fidelity is None:
+            result, merge_s, eval_s = evaluator.score_recipe(recipe, "dev")
+        else:
+            pruned = _climb_rungs(config.fidelity.rungs, evaluator, recipe, trial)
+            if pruned is not None:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                return pruned
+            result, merge_s, eval_s = evaluator.score_recipe(recipe, "dev")
     except (KeyboardInterrupt, UserError):
         # An interrupt or a bad config (missing task data, unreadable model) stops the sweep with one
         # clear line; the trial is recorded as failed and a rerun continues the study.

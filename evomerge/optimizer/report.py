@@ -36,6 +36,7 @@ class FinalReport:
     tasks: list[str]
     n_complete: int
     n_failed: int
+    n_pruned: int
     best_number: int
     best_dev: Row
     best_recipe: MergeRecipe
@@ -114,6 +115,7 @@ def final_report(
         tasks=tasks,
         n_complete=len(trials),
         n_failed=len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))),
+        n_pruned=len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
         best_number=best.number,
         best_dev=_trial_row(best, tasks),
         best_recipe=recipe,
@@ -155,7 +157,8 @@ def render_markdown(report: FinalReport) -> str:
     lines = [
         f"# evomerge report: {report.study_name}",
         "",
-        f"{report.n_complete} complete trials, {report.n_failed} failed. Mean seconds per candidate: "
+        f"{report.n_complete} complete trials, {report.n_failed} failed, {report.n_pruned} pruned early. "
+        "Mean seconds per candidate: "
         f"merge {report.mean_merge_seconds:.3f}, dev evaluation {report.mean_eval_seconds:.3f}.",
         "",
         "## Held-out test split",

@@ -30,6 +30,18 @@ def make_sampler(cfg: SamplerConfig) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
+def make_pruner(config: SweepConfig) -> optuna.pruners.BasePruner:
+    """The pruner of a multi-fidelity sweep (steps are the rungs' question counts); none otherwise."""
+    fidelity = config.fidelity
+    if fidelity is None:
+        return optuna.pruners.NopPruner()
+    if fidelity.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(
+            fidelity.percentile, n_startup_trials=fidelity.n_startup_trials
+        )
+    return optuna.pruners.MedianPruner(n_startup_trials=fidelity.n_startup_trials)
+
+
 def open_study(config: SweepConfig, task_names: Sequence[str]) -> optuna.Study:
     """Create the study, or load it when it exists (a sweep continues where it stopped)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -42,6 +54,7 @@ def open_study(config: SweepConfig, task_names: Sequence[str]) -> optuna.Study:
             study_name=config.study_name,
             storage=config.storage_url(),
             sampler=make_sampler(config.sampler),
+            pruner=make_pruner(config),
             directions=directions,
             load_if_exists=True,
         )
