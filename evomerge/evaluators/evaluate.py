@@ -114,10 +114,19 @@ def evaluate(
     if not tasks:
         raise ConfigError("no tasks to evaluate")
     names = [t.name for t in tasks]
+    all_names = list(names)
+    weights = {t.name: t.weight for t in tasks}
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"duplicate task name(s): {', '.join(duplicates)}")
 
+    lmeval_results: dict[str, TaskResult] = {}
+    for task in tasks:
+        if task.kind == "lmeval":
+            from evomerge.evaluators.lmeval_backend import run_lmeval
+
+            lmeval_results[task.name] = run_lmeval(backend, task, split, base_dir)
+    tasks = [t for t in tasks if t.kind != "lmeval"]
     examples: dict[str, list[Example]] = {}
     prompts: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
@@ -135,6 +144,8 @@ def evaluate(
         groups.setdefault((task.max_new_tokens, tuple(task.stop)), []).append(task)
 
     total = sum(len(p) for p in prompts.values())
+    if not total:
+        return EvalResult(split=split, tasks={n: lmeval_results[n] for n in all_names}, weights=weights)
     done = 0
 
     def advance(k: int) -> None:
@@ -186,4 +197,5 @@ def evaluate(
             records=records,
             seconds=seconds[task.name],
         )
-    return EvalResult(split=split, tasks=results, weights={t.name: t.weight for t in tasks})
+    results = {name: lmeval_results.get(name) or results[name] for name in all_names}
+    return EvalResult(split=split, tasks=results, weights=weights)

