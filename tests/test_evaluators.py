@@ -774,3 +774,24 @@ def test_humaneval_task_from_the_package_scored_in_the_sandbox(tmp_path: Path) -
     assert score("humaneval", "    while True:\n        pass\n", example.answer) == 0.0
     with pytest.raises(ConfigError, match="humaneval reference must be JSON"):
         score("humaneval", "pass", "not json")
+
+
+def test_stratified_subsets_keep_each_stratum_share(tmp_path: Path) -> None:
+    levels = ["1"] * 60 + ["2"] * 30 + ["5"] * 10
+    rows = [{"problem": f"p{i}", "solution": f"\\boxed{{{i}}}", "level": lv} for i, lv in enumerate(levels)]
+    write_jsonl(tmp_path / "math.jsonl", rows)
+    task = TaskConfig(name="m", kind="math", data_files={"dev": "math.jsonl"}, dev_size=20, stratify="level")
+    subset = load_split(task, "dev", tmp_path)
+    counts = {lv: sum(e.stratum == lv for e in subset) for lv in ("1", "2", "5")}
+    assert counts == {"1": 12, "2": 6, "5": 2}
+    assert [int(e.id) for e in subset] == sorted(int(e.id) for e in subset)  # file order
+    assert load_split(task, "dev", tmp_path) == subset
+    assert load_split(task.model_copy(update={"seed": 1}), "dev", tmp_path) != subset
+    odd = TaskConfig(name="m", kind="math", data_files={"dev": "math.jsonl"}, dev_size=7, stratify="level")
+    odd_counts = {
+        lv: sum(e.stratum == lv for e in load_split(odd, "dev", tmp_path)) for lv in ("1", "2", "5")
+    }
+    assert odd_counts == {"1": 4, "2": 2, "5": 1}  # 4.2 / 2.1 / 0.7: the largest remainder gets the 7th
+    missing = TaskConfig(name="m", kind="math", data_files={"dev": "math.jsonl"}, stratify="subject")
+    with pytest.raises(ConfigError, match=r"math.jsonl line 1: missing field 'subject' \(stratify\)"):
+        load_split(missing, "dev", tmp_path)

@@ -73,6 +73,8 @@ class TaskConfig(BaseModel):
     """Worked examples from the ``train`` file put before each question."""
     chat: bool = False
     """Wrap each prompt in the model's chat template (as one user turn)."""
+    stratify: str | None = None
+    """A record field (e.g. ``level``, ``type``, ``subject``): subsets keep each value's share of the file."""
     dev_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
     """The share of a file that is dev when ``dev`` and ``test`` name the same file."""
     max_new_tokens: int = Field(default=16, ge=1)
@@ -148,6 +150,8 @@ class Example:
     id: str
     question: str
     answer: str
+    stratum: str = ""
+    """The value of the task's ``stratify`` field (e.g. a MATH level or subject), for stratified subsets."""
 
 
 def _field(task: str, path: Path, lineno: int, record: dict[str, object], key: str) -> str:
@@ -262,6 +266,12 @@ def _read_jsonl(task: TaskConfig, path: Path) -> list[Example]:
     seen: dict[str, int] = {}
     for lineno, record in _records(task, path):
         example = _record(task, path, lineno, record)
+        if task.stratify is not None:
+            if task.stratify not in record:
+                raise ConfigError(
+                    f"task {name!r}: {path} line {lineno}: missing field {task.stratify!r} (stratify)"
+                )
+            example = Example(example.id, example.question, example.answer, str(record[task.stratify]))
         if example.id in seen:
             raise ConfigError(
                 f"task {name!r}: {path} line {lineno}: duplicate id {example.id!r} "
@@ -326,8 +336,28 @@ def load_split(task: TaskConfig, split: Split, base_dir: str | Path) -> list[Exa
             f"task {task.name!r}: {split}_size={n} but {path} has only {len(examples)} examples"
             + (" in this split" if task.data_files.get("dev") == task.data_files.get("test") else "")
         )
-    picked = sorted(random.Random(task.seed).sample(range(len(examples)), n))
-    return [examples[i] for i in picked]
+    return [examples[i] for i in _subset(examples, n, task.seed)]
+
+
+def _subset(examples: Sequence[Example], n: int, seed: int) -> list[int]:
+    """Indices (in file order) of a fixed subset of ``n`` examples for ``seed``; when the examples carry
+    strata, each stratum gets its proportional share (largest remainders), drawn at random within it."""
+    rng = random.Random(seed)
+    strata: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        strata.setdefault(example.stratum, []).append(i)
+    if len(strata) == 1:
+        return sorted(rng.sample(range(len(examples)), n))
+    total = len(examples)
+    quotas = {key: n * len(members) / total for key, members in strata.items()}
+    counts = {key: int(q) for key, q in quotas.items()}
+    by_remainder = sorted(strata, key=lambda key: (-(quotas[key] - counts[key]), key))
+    for key in by_remainder[: n - sum(counts.values())]:
+        counts[key] += 1
+    picked: list[int] = []
+    for key in sorted(strata):
+        picked += rng.sample(strata[key], counts[key])
+    return sorted(picked)
 
 
 def load_fewshot(task: TaskConfig, base_dir: str | Path) -> list[Example]:
