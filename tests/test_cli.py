@@ -251,6 +251,31 @@ def test_search_with_a_task_without_dev(
     assert not (tmp_path / "runs").exists()
 
 
+def test_search_with_vllm_backend_but_no_vllm(
+    tmp_path: Path, home: Zoo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vllm is installed in this environment")
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "study_name": "s",
+                "runs_dir": str(tmp_path / "runs"),
+                "zoo": "micro",
+                "backend": {"kind": "vllm"},
+                "n_trials": 1,
+            }
+        )
+    )
+    assert run(["search", cfg]) == 2
+    assert_one_error_line(capsys.readouterr().err, "backend vllm", "not installed")
+
+
 def test_export_of_a_directory_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["export", tmp_path]) == 2
     assert_one_error_line(capsys.readouterr().err, "sweep.json")

@@ -58,7 +58,10 @@ class FidelityConfig(BaseModel):
 class BackendConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["hf"] = "hf"
+    kind: Literal["hf", "vllm"] = "hf"
+    """``hf``: transformers; ``vllm``: one live vLLM engine, weights swapped in place per candidate."""
+    kv_cache_gb: float | None = Field(default=None, gt=0.0)
+    """vLLM only: KV-cache size (vLLM's CPU default can take over 10 GiB)."""
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(default=64, ge=1)

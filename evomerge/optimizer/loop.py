@@ -81,9 +81,22 @@ class LocalEvaluator:
             torch.set_num_threads(cfg.threads)
         self.sweep = sweep
         self.merger = InMemoryMerger(sweep.base, sweep.experts, device=cfg.device)
-        self.backend = HFBackend.from_pretrained(
-            sweep.base, device=cfg.device, dtype=_DTYPES[cfg.dtype], batch_size=cfg.batch_size
-        )
+        self.backend: Any
+        if cfg.kind == "vllm":
+            from evomerge.evaluators.vllm_backend import VLLMBackend
+
+            kv_bytes = None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * 2**30)
+            self.backend = VLLMBackend.from_pretrained(
+                sweep.base,
+                device=cfg.device,
+                dtype=_DTYPES[cfg.dtype],
+                batch_size=cfg.batch_size,
+                kv_cache_memory_bytes=kv_bytes,
+            )
+        else:
+            self.backend = HFBackend.from_pretrained(
+                sweep.base, device=cfg.device, dtype=_DTYPES[cfg.dtype], batch_size=cfg.batch_size
+            )
         self.base_state = self.backend.state_dict()
 
     def score_state(
