@@ -33,6 +33,19 @@ def check_finite(state: Mapping[str, torch.Tensor]) -> None:
                     raise EvaluationError(f"candidate weights are not finite: {kind} in {name!r}")
 
 
+def apply_chat_template(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as one user turn in ``tokenizer``'s chat template, ready for the assistant's answer.
+
+    ConfigError when the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the task asks for a chat template but the model's tokenizer has none")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return str(text)
+
+
 def cut_at_stop(text: str, stop: Iterable[str]) -> str:
     """``text`` up to (not including) the earliest occurrence of any stop string."""
     end = len(text)
@@ -119,12 +132,7 @@ class HFBackend:
 
         ConfigError when the tokenizer has no chat template.
         """
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError("the task asks for a chat template but the model's tokenizer has none")
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return str(text)
+        return apply_chat_template(self.tokenizer, prompt)
 
     def generate(
         self,

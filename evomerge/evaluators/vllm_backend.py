@@ -34,7 +34,7 @@ import torch
 
 from evomerge.checkpoints import ModelDir
 from evomerge.errors import CheckpointError, ConfigError, EvaluationError
-from evomerge.evaluators.hf_backend import check_finite, cut_at_stop
+from evomerge.evaluators.hf_backend import apply_chat_template, check_finite, cut_at_stop
 
 __all__ = ["VLLMBackend", "import_vllm"]
 
@@ -240,12 +240,7 @@ class VLLMBackend:
 
         ConfigError when the tokenizer has no chat template.
         """
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError("the task asks for a chat template but the model's tokenizer has none")
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return str(text)
+        return apply_chat_template(self.tokenizer, prompt)
 
     def generate(
         self,
