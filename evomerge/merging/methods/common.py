@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from evomerge.merging.inputs import MergeInputs, divisor_or_one
+from evomerge.merging.inputs import Kernel, MergeInputs, divisor_or_one
 
 __all__ = [
     "Sparsifier",
@@ -29,6 +29,7 @@ __all__ = [
     "model_values",
     "random_keep",
     "rescale_l1",
+    "task_vector_kernel",
     "task_vector_merge",
     "trim_to_density",
 ]
@@ -341,3 +342,17 @@ def task_vector_merge(
         normalize=flag(global_params, "normalize"),
         lam=float(global_params["lambda"]),
     )
+
+
+def task_vector_kernel(how: Sparsifier, *, consensus: bool) -> Kernel:
+    """The kernel of one task-vector method: :func:`task_vector_merge` with its sparsifier and consensus."""
+
+    def merge(
+        inputs: MergeInputs,
+        params: Sequence[Mapping[str, float]],
+        global_params: Mapping[str, float],
+        seed: int,
+    ) -> torch.Tensor:
+        return task_vector_merge(inputs, params, global_params, seed, how=how, consensus=consensus)
+
+    return merge
