@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -225,12 +226,16 @@ class ModelDir:
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise CheckpointError(f"{full}: not a state dict of tensors")
             self._pickled[file] = state
-            for key in state:
-                if key in weight_map:
-                    raise CheckpointError(f"{self._path}: tensor {key!r} appears in several files")
-                weight_map[key] = file
-                order.append(key)
+            self._register(weight_map, order, state, file)
         return weight_map, order
+
+    def _register(self, weight_map: dict[str, str], order: list[str], keys: Iterable[str], file: str) -> None:
+        """Record that ``file`` holds ``keys`` (in order); a tensor in two files is an error."""
+        for key in keys:
+            if key in weight_map:
+                raise CheckpointError(f"{self._path}: tensor {key!r} appears in several files")
+            weight_map[key] = file
+            order.append(key)
 
     @property
     def is_pickle(self) -> bool:
@@ -273,11 +278,7 @@ class ModelDir:
                         )
                 wanted = set(expected[file])
                 keys = [k for k in keys if k in wanted]
-            for key in keys:
-                if key in weight_map:
-                    raise CheckpointError(f"{self._path}: tensor {key!r} appears in several files")
-                weight_map[key] = file
-                order.append(key)
+            self._register(weight_map, order, keys, file)
         return weight_map, order
 
     # ------------------------------------------------------------------ public API

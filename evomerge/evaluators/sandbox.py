@@ -52,7 +52,6 @@ no deadlock), the size of any file the child writes is capped by ``RLIMIT_FSIZE`
 from __future__ import annotations
 
 import contextlib
-import gzip
 import importlib.util
 import json
 import os
@@ -69,6 +68,7 @@ from pathlib import Path
 from typing import Literal
 
 from evomerge.errors import ConfigError, EvaluationError
+from evomerge.evaluators.jsonl import JSONLError, read_records, read_text
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -626,23 +626,17 @@ def load_humaneval(path: str | Path | None = None) -> list[dict[str, str]]:
     if not path.is_file():
         raise ConfigError(f"HumanEval file not found: {path}")
     try:
-        with open(path, "rb") as f:
-            compressed = f.read(2) == b"\x1f\x8b"
-        raw = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
-        text = raw.decode("utf-8")
+        text = read_text(path)
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read HumanEval data: {exc}".replace("\n", " ")) from exc
     problems: list[dict[str, str]] = []
     seen: set[str] = set()
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    try:
+        records = list(read_records(text))
+    except JSONLError as exc:
+        column = f" (column {exc.column})" if exc.column is not None else ""
+        raise ConfigError(f"{path}:{exc.lineno}: {exc.reason}{column}") from exc
+    for number, record in records:
         missing = [name for name in HUMANEVAL_FIELDS if not isinstance(record.get(name), str)]
         if missing:
             raise ConfigError(f"{path}:{number}: missing or non-string field(s): {', '.join(missing)}")

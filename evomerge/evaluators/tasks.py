@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.evaluators.jsonl import JSONLError, read_records, read_text
 from evomerge.evaluators.scoring import KINDS, check_reference
 
 __all__ = ["DataSplit", "Example", "LMEvalSpec", "Split", "TaskConfig", "load_fewshot", "load_split"]
@@ -231,33 +233,18 @@ def _record(task: TaskConfig, path: Path, lineno: int, record: dict[str, object]
 
 
 def _records(task: TaskConfig, path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) of every JSONL line (``.jsonl.gz`` read through gzip)."""
+    """(line number, record) of every JSONL line (gzip-compressed files are read through gzip)."""
     name = task.name
     try:
-        if path.suffix == ".gz":
-            import gzip
-
-            text = gzip.decompress(path.read_bytes()).decode("utf-8")
-        else:
-            text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"task {name!r}: data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as exc:
         raise ConfigError(f"task {name!r}: cannot read data file {path}: {exc}") from None
-    out: list[tuple[int, dict[str, Any]]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"task {name!r}: {path} line {lineno}: invalid JSON: {exc.msg}") from None
-        if not isinstance(record, dict):
-            raise ConfigError(
-                f"task {name!r}: {path} line {lineno}: expected a JSON object, got {type(record).__name__}"
-            )
-        out.append((lineno, record))
-    return out
+    try:
+        return list(read_records(text))
+    except JSONLError as exc:
+        raise ConfigError(f"task {name!r}: {path} line {exc.lineno}: {exc.reason}") from None
 
 
 def _read_jsonl(task: TaskConfig, path: Path) -> list[Example]:
