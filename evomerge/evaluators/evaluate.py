@@ -9,7 +9,7 @@ stay full.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -104,8 +104,15 @@ def evaluate(
     base_dir: str | Path,
     *,
     progress: ProgressFn | None = None,
+    limit: int | None = None,
+    memo: MutableMapping[tuple[str, str, str], QuestionRecord] | None = None,
 ) -> EvalResult:
     """Generate and score every question of ``split`` of every task with ``backend``.
+
+    ``limit`` keeps each task's first ``limit`` questions of its nested order (a multi-fidelity rung,
+    see :func:`load_split`). ``memo`` maps ``(task name, split, question id)`` to records already scored on
+    *this same model*: those questions are not generated again, and new records are added to it, so
+    climbing rungs and then the full set scores every question once.
 
     Raises ConfigError for no tasks, duplicate task names or bad task data (see :func:`load_split`),
     and EvaluationError when the backend returns the wrong number of completions. A task's ``seconds``
@@ -125,26 +132,35 @@ def evaluate(
         if task.kind == "lmeval":
             from evomerge.evaluators.lmeval_backend import run_lmeval
 
+            size = task.size(split)
+            if limit is not None and (size is None or limit < size):  # lm-eval's own limit: no reuse
+                task = task.model_copy(update={f"{split}_size": limit})
             lmeval_results[task.name] = run_lmeval(backend, task, split, base_dir)
     tasks = [t for t in tasks if t.kind != "lmeval"]
+    memo = {} if memo is None else memo
     examples: dict[str, list[Example]] = {}
     prompts: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
     for task in tasks:
         t0 = time.perf_counter()
-        examples[task.name] = load_split(task, split, base_dir)
+        examples[task.name] = load_split(task, split, base_dir, limit=limit)
         shots = load_fewshot(task, base_dir)
         prompts[task.name] = [task.prompt(ex.question, shots) for ex in examples[task.name]]
         if task.chat:
             prompts[task.name] = _chat_prompts(backend, task, prompts[task.name])
         seconds[task.name] = time.perf_counter() - t0
+    # only the questions this model has not answered yet are generated
+    todo = {
+        task.name: [i for i, ex in enumerate(examples[task.name]) if (task.name, split, ex.id) not in memo]
+        for task in tasks
+    }
 
     groups: dict[tuple[int, tuple[str, ...]], list[TaskConfig]] = {}
     for task in tasks:
         groups.setdefault((task.max_new_tokens, tuple(task.stop)), []).append(task)
 
-    total = sum(len(p) for p in prompts.values())
-    if not total:
+    total = sum(len(t) for t in todo.values())
+    if not tasks:
         return EvalResult(split=split, tasks={n: lmeval_results[n] for n in all_names}, weights=weights)
     done = 0
 
@@ -158,7 +174,9 @@ def evaluate(
         progress(0, total)
     completions: dict[str, list[str]] = {}
     for (max_new_tokens, stop), members in groups.items():
-        batch = [p for task in members for p in prompts[task.name]]
+        batch = [prompts[task.name][i] for task in members for i in todo[task.name]]
+        if not batch:
+            continue
         t0 = time.perf_counter()
         outputs = backend.generate(batch, max_new_tokens=max_new_tokens, stop=list(stop), progress=advance)
         elapsed = time.perf_counter() - t0
@@ -166,7 +184,7 @@ def evaluate(
             raise EvaluationError(f"the backend returned {len(outputs)} completions for {len(batch)} prompts")
         offset = 0
         for task in members:
-            k = len(prompts[task.name])
+            k = len(todo[task.name])
             completions[task.name] = outputs[offset : offset + k]
             offset += k
             seconds[task.name] += elapsed * k / len(batch)
@@ -174,19 +192,17 @@ def evaluate(
     results: dict[str, TaskResult] = {}
     for task in tasks:
         t0 = time.perf_counter()
-        records = [
-            QuestionRecord(
+        for i, completion in zip(todo[task.name], completions.get(task.name, []), strict=True):
+            ex = examples[task.name][i]
+            memo[(task.name, split, ex.id)] = QuestionRecord(
                 id=ex.id,
-                prompt=prompt,
+                prompt=prompts[task.name][i],
                 completion=completion,
                 reference=ex.answer,
                 extracted=extract_answer(task.kind, completion),
                 score=score(task.kind, completion, ex.answer),
             )
-            for ex, prompt, completion in zip(
-                examples[task.name], prompts[task.name], completions[task.name], strict=True
-            )
-        ]
+        records = [memo[(task.name, split, ex.id)] for ex in examples[task.name]]
         mean = sum(r.score for r in records) / len(records)
         seconds[task.name] += time.perf_counter() - t0
         results[task.name] = TaskResult(

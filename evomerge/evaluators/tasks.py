@@ -306,24 +306,51 @@ def _split_examples(task: TaskConfig, split: Split, base_dir: str | Path) -> tup
     return path, examples
 
 
-def load_split(task: TaskConfig, split: Split, base_dir: str | Path) -> list[Example]:
+def load_split(
+    task: TaskConfig, split: Split, base_dir: str | Path, *, limit: int | None = None
+) -> list[Example]:
     """The fixed question set of ``split`` of ``task``.
 
     With a subset size ``n`` (``dev_size`` / ``test_size``), ``n`` questions are drawn with
     ``random.Random(task.seed)`` and returned in file order, so the same seed always gives the same
-    subset. Raises ConfigError for a missing file, a bad JSON line, a missing field, a duplicate id,
-    a reference the task's scoring kind cannot read, an empty file, or a subset larger than the file.
+    subset. ``limit`` (a multi-fidelity rung) then keeps the first ``limit`` questions of a fixed
+    seeded order of that set (:func:`nested_order`), so a smaller rung's questions are always part of
+    a larger rung's and of the whole set: scores of earlier rungs can be reused. Raises ConfigError
+    for a missing file, a bad JSON line, a missing field, a duplicate id, a reference the task's
+    scoring kind cannot read, an empty file, or a subset larger than the file.
     """
     path, examples = _split_examples(task, split, base_dir)
     n = task.size(split)
-    if n is None or n == len(examples):
-        return examples
-    if n > len(examples):
+    if n is not None and n > len(examples):
         raise ConfigError(
             f"task {task.name!r}: {split}_size={n} but {path} has only {len(examples)} examples"
             + (" in this split" if task.data_files.get("dev") == task.data_files.get("test") else "")
         )
-    return [examples[i] for i in _subset(examples, n, task.seed)]
+    if n is not None and n < len(examples):
+        examples = [examples[i] for i in _subset(examples, n, task.seed)]
+    if limit is not None and limit < len(examples):
+        keep = sorted(nested_order(examples, task.seed)[:limit])
+        examples = [examples[i] for i in keep]
+    return examples
+
+
+def nested_order(examples: Sequence[Example], seed: int) -> list[int]:
+    """A fixed seeded order of ``examples`` (indices) whose every prefix is a stratified sample.
+
+    Each stratum is shuffled, its ``j``-th member gets the position ``(j + 0.5) / len(stratum)`` and
+    all examples are sorted by position (ties at random), so any prefix of ``n`` holds each stratum's
+    proportional share to within one question, and a prefix of ``n`` is part of the prefix of ``m > n``.
+    """
+    rng = random.Random(f"rungs:{seed}")
+    strata: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        strata.setdefault(example.stratum, []).append(i)
+    keyed: list[tuple[float, float, int]] = []
+    for key in sorted(strata):
+        members = list(strata[key])
+        rng.shuffle(members)
+        keyed += [((j + 0.5) / len(members), rng.random(), i) for j, i in enumerate(members)]
+    return [i for _, _, i in sorted(keyed)]
 
 
 def _subset(examples: Sequence[Example], n: int, seed: int) -> list[int]:

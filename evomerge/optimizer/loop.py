@@ -20,7 +20,7 @@ import torch
 
 from evomerge.checkpoints import ModelDir
 from evomerge.errors import EvomergeError, UserError
-from evomerge.evaluators import EvalResult, HFBackend, TaskConfig, evaluate
+from evomerge.evaluators import EvalResult, HFBackend, QuestionRecord, TaskConfig, evaluate
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.optimizer.config import SweepConfig
 from evomerge.optimizer.study import open_study, recover_stale_trials
@@ -106,14 +106,23 @@ class LocalEvaluator:
         progress: EvalProgress | None = None,
         *,
         questions: int | None = None,
+        memo: dict[tuple[str, str, str], QuestionRecord] | None = None,
+        loaded: bool = False,
     ) -> EvalResult:
-        """Load ``state`` into the live model and score it; ``questions`` caps each task's question set at
-        a fixed seeded subset of that size (a multi-fidelity rung)."""
-        self.backend.load_state_dict(state)
-        tasks = self.sweep.tasks
-        if questions is not None:
-            tasks = tuple(_capped(t, split, questions) for t in tasks)
-        return evaluate(self.backend, tasks, split, self.sweep.data_dir, progress=progress)  # type: ignore[arg-type]
+        """Load ``state`` into the live model (unless ``loaded``) and score it; ``questions`` keeps each
+        task's first questions of its fixed nested order (a multi-fidelity rung); ``memo`` carries the
+        questions already scored on this state (see :func:`evaluate`)."""
+        if not loaded:
+            self.backend.load_state_dict(state)
+        return evaluate(
+            self.backend,  # type: ignore[arg-type]
+            self.sweep.tasks,
+            split,
+            self.sweep.data_dir,
+            progress=progress,
+            limit=questions,
+            memo=memo,
+        )
 
     def score_recipe(
         self, recipe: MergeRecipe, split: str, progress: EvalProgress | None = None
@@ -129,14 +138,6 @@ class LocalEvaluator:
         with ModelDir(path) as md:
             state = {n: md.read(n).clone() for n in md.tensor_names()}
         return self.score_state(state, split, progress)
-
-
-def _capped(task: TaskConfig, split: str, questions: int) -> TaskConfig:
-    size = task.dev_size if split == "dev" else task.test_size
-    if size is not None and size <= questions:
-        return task
-    field = "dev_size" if split == "dev" else "test_size"
-    return task.model_copy(update={field: questions})
 
 
 def _one_line(err: BaseException) -> str:
@@ -216,18 +217,30 @@ def run_search(
 
 def _climb_rungs(
     rungs: Sequence[int], evaluator: LocalEvaluator, recipe: MergeRecipe, trial: optuna.Trial
-) -> TrialOutcome | None:
-    """Score ``recipe`` on each rung's subset in turn, reporting to Optuna; the outcome of a pruned trial
-    (its last rung's scores kept as user attributes), or None when it earned the full dev set."""
+) -> tuple[TrialOutcome | None, EvalResult | None, float, float]:
+    """Score ``recipe`` on each rung's subset in turn, reporting to Optuna, then on the full dev set.
+
+    Rung subsets are nested (each the first questions of a fixed order), and every question is generated
+    once: a later rung and the full set only score the questions earlier rungs did not. Returns (the
+    outcome of a pruned trial with its last rung's scores, or None; the full dev result, or None when
+    pruned; merge seconds; eval seconds).
+    """
+    t0 = time.perf_counter()
     state = evaluator.merger.merge(recipe)
+    merge_s = time.perf_counter() - t0
+    memo: dict[tuple[str, str, str], QuestionRecord] = {}
+    loaded = False
     for rung in rungs:
-        result = evaluator.score_state(state, "dev", questions=rung)
+        result = evaluator.score_state(state, "dev", questions=rung, memo=memo, loaded=loaded)
+        loaded = True
         trial.report(result.mean, step=rung)
         trial.set_user_attr(f"rung_{rung}", result.scores)
         if trial.should_prune():
             trial.set_user_attr("pruned_at", rung)
-            return TrialOutcome(trial.number, "PRUNED", result.mean, result.scores, None)
-    return None
+            outcome = TrialOutcome(trial.number, "PRUNED", result.mean, result.scores, None)
+            return outcome, None, merge_s, time.perf_counter() - t0 - merge_s
+    result = evaluator.score_state(state, "dev", memo=memo, loaded=loaded)
+    return None, result, merge_s, time.perf_counter() - t0 - merge_s
 
 
 def _run_trial(
@@ -243,11 +256,12 @@ def _run_trial(
         if config.fidelity is None:
             result, merge_s, eval_s = evaluator.score_recipe(recipe, "dev")
         else:
-            pruned = _climb_rungs(config.fidelity.rungs, evaluator, recipe, trial)
+            pruned, full, merge_s, eval_s = _climb_rungs(config.fidelity.rungs, evaluator, recipe, trial)
             if pruned is not None:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 return pruned
-            result, merge_s, eval_s = evaluator.score_recipe(recipe, "dev")
+            assert full is not None
+            result = full
     except (KeyboardInterrupt, UserError):
         # An interrupt or a bad config (missing task data, unreadable model) stops the sweep with one
         # clear line; the trial is recorded as failed and a rerun continues the study.
