@@ -21,6 +21,7 @@ import torch
 from evomerge.checkpoints import ModelDir
 from evomerge.errors import EvomergeError, UserError
 from evomerge.evaluators import EvalResult, HFBackend, QuestionRecord, TaskConfig, evaluate
+from evomerge.evaluators.tasks import Split
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.optimizer.config import SweepConfig
 from evomerge.optimizer.study import open_study, recover_stale_trials
@@ -102,7 +103,7 @@ class LocalEvaluator:
     def score_state(
         self,
         state: Mapping[str, torch.Tensor],
-        split: str,
+        split: Split,
         progress: EvalProgress | None = None,
         *,
         questions: int | None = None,
@@ -125,7 +126,7 @@ class LocalEvaluator:
         )
 
     def score_recipe(
-        self, recipe: MergeRecipe, split: str, progress: EvalProgress | None = None
+        self, recipe: MergeRecipe, split: Split, progress: EvalProgress | None = None
     ) -> tuple[EvalResult, float, float]:
         """(result, merge seconds, eval seconds)."""
         t0 = time.perf_counter()
@@ -134,7 +135,7 @@ class LocalEvaluator:
         result = self.score_state(state, split, progress)
         return result, t1 - t0, time.perf_counter() - t1
 
-    def score_model_dir(self, path: str, split: str, progress: EvalProgress | None = None) -> EvalResult:
+    def score_model_dir(self, path: str, split: Split, progress: EvalProgress | None = None) -> EvalResult:
         with ModelDir(path) as md:
             state = {n: md.read(n).clone() for n in md.tensor_names()}
         return self.score_state(state, split, progress)
