@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -200,20 +201,39 @@ def search(
     config: Annotated[Path, typer.Argument(help="A sweep YAML (see experiments/).")],
     n_trials: Annotated[int | None, typer.Option(help="Override the number of complete trials.")] = None,
     report: Annotated[bool, typer.Option(help="Evaluate on the test split and write report.md.")] = True,
+    executor: Annotated[
+        str | None, typer.Option(help="Override the executor: local, or ray (a pool of actors).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Override the number of Ray workers.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster ('auto': the one this machine is in).")
+    ] = None,
+    allow_test_fitness: Annotated[
+        bool, typer.Option(help="Accept a dev file that is also a test file (test questions in fitness).")
+    ] = False,
 ) -> None:
     """Run (or continue) a sweep; then compare the best recipe on the test split and export it."""
+    from evomerge.config_util import validate_model
     from evomerge.optimizer import LocalEvaluator, final_report, load_sweep_config, resolve_sweep, run_search
+    from evomerge.optimizer.executors import LocalExecutor, make_executor
     from evomerge.optimizer.study import complete_trials, pareto_front
 
     overrides: dict[str, Any] = {} if n_trials is None else {"n_trials": n_trials}
     cfg = load_sweep_config(config, overrides)
+    if executor is not None or workers is not None or ray_address is not None:
+        ex = cfg.executor.model_dump()
+        ex.update({"kind": executor or ("ray" if ray_address or (workers or 1) > 1 else ex["kind"])})
+        if workers is not None:
+            ex["workers"] = workers
+        cfg = validate_model(type(cfg), {**cfg.model_dump(), "executor": ex}, where=str(config))
     with progress_bar("zoo") as zoo_update:
         sweep = resolve_sweep(cfg, zoo_progress=zoo_update)
     console.print(
         f"study [bold]{cfg.study_name}[/] · {len(sweep.experts)} experts · {len(sweep.tasks)} tasks · "
-        f"sampler {cfg.sampler.name} · storage {cfg.storage_url()}"
+        f"sampler {cfg.sampler.name} · executor {cfg.executor.kind} x{cfg.executor.workers} · "
+        f"storage {cfg.storage_url()}"
     )
-    evaluator = LocalEvaluator(sweep)
+    pool = make_executor(sweep, address=ray_address)
     best = {"mean": -1.0}
     with progress_bar("search") as update:
 
@@ -224,7 +244,11 @@ def search(
             label += f" · dev mean {outcome.mean:.3f}" if outcome.mean is not None else f" · {outcome.error}"
             update(f"{label} · best {best['mean']:.3f}", done, total)
 
-        study = run_search(sweep, evaluator, on_trial=on_trial)
+        try:
+            study = run_search(sweep, pool, on_trial=on_trial, allow_test_fitness=allow_test_fitness)
+        finally:
+            if not isinstance(pool, LocalExecutor):
+                pool.close()
     tasks = [t.name for t in sweep.tasks]
     front = pareto_front(complete_trials(study), tasks)
     console.print(
@@ -236,6 +260,7 @@ def search(
     )
     if not report:
         return
+    evaluator = pool.evaluator if isinstance(pool, LocalExecutor) else LocalEvaluator(sweep)
     with progress_bar("report") as update:
         final = final_report(
             sweep,
@@ -279,9 +304,14 @@ def export(
     fmt: Annotated[
         str, typer.Option("--format", help="Recipe format: evomerge, or mergekit (for mergekit-yaml).")
     ] = "evomerge",
+    test: Annotated[
+        bool, typer.Option(help="Score the exported recipe and the base on the held-out test split.")
+    ] = True,
 ) -> None:
-    """Write a trial's recipe (the best by default) as YAML, optionally merging it."""
-    from evomerge.optimizer import export_trial, load_run, load_study
+    """Write a trial's recipe (the best by default) as YAML, optionally merging it; then score it on the
+    test split (fitness only ever saw dev)."""
+    from evomerge.optimizer import LocalEvaluator, export_trial, load_run, load_study, trial_recipe
+    from evomerge.optimizer.loop import resolved_from_run
 
     info = load_run(run_dir)
     study = load_study(info.storage, info.study_name)
@@ -304,6 +334,51 @@ def export(
     )
     if materialize is not None:
         console.print(f"merged model written to {escape(str(materialize))}")
+    if not test:
+        return
+    sweep = resolved_from_run(info.data)
+    evaluator = LocalEvaluator(sweep)
+    tasks = [t.name for t in sweep.tasks]
+    with progress_bar("test split") as update:
+        base = evaluator.score_state(evaluator.base_state, "test", lambda d, t: update("base", d, t))
+        ours = evaluator.score_recipe(
+            trial_recipe(chosen), "test", lambda d, t: update(f"trial {chosen.number}", d, t)
+        )[0]
+    rows = [("base", base.scores, base.mean), (f"trial {chosen.number}", ours.scores, ours.mean)]
+    console.print(_rows_table("Held-out test split", tasks, rows))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A sweep's run directory (runs/<study>).")],
+    materialize: Annotated[
+        bool, typer.Option(help="Also merge the best recipe into RUN_DIR/best_model.")
+    ] = False,
+) -> None:
+    """Score the base, the experts, uniform baselines and the best recipe on the test split; write
+    report.md, results.json, best_recipe.yaml and the PNG plots (history, Pareto front, per-layer heatmap)."""
+    from evomerge.optimizer import LocalEvaluator, final_report, load_run, load_study
+    from evomerge.optimizer.loop import resolved_from_run
+
+    info = load_run(run_dir)
+    sweep = resolved_from_run(info.data)
+    sweep = dataclasses.replace(
+        sweep, config=sweep.config.model_copy(update={"materialize_best": materialize})
+    )
+    study = load_study(info.storage, info.study_name)
+    evaluator = LocalEvaluator(sweep)
+    with progress_bar("report") as update:
+        final = final_report(
+            sweep,
+            evaluator,
+            study,
+            progress=update,
+            materialize_progress=lambda d, t, name: update(f"materialize {name}", d, t),
+        )
+    tasks = [t.name for t in sweep.tasks]
+    console.print(_rows_table("Held-out test split", tasks, [(r.name, r.scores, r.mean) for r in final.test]))
+    for key, path in final.paths.items():
+        console.print(f"{key}: {escape(str(path))}")
 
 
 @app.command()

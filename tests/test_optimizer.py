@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +176,10 @@ def test_resume_continues_and_fails_stale_trials(
     assert sorted(before) == [0, 1]
 
     crashed = optuna.load_study(study_name="resume", storage=storage)
-    stale = crashed.ask()  # a worker that died mid-trial
+    stale = crashed.ask()  # a sweep process that died mid-trial
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale.set_user_attr("owner", f"{socket.gethostname()}:{dead.pid}:1")
     assert crashed.trials[stale.number].state == TrialState.RUNNING
 
     second = dataclasses.replace(first, config=first.config.model_copy(update={"n_trials": 4}))

@@ -13,7 +13,7 @@ from evomerge.errors import ConfigError
 from evomerge.evaluators import TaskConfig
 from evomerge.search_spaces import SearchSpaceConfig
 
-SamplerName = Literal["tpe", "cmaes", "nsga2", "random"]
+SamplerName = Literal["tpe", "cmaes", "nsga2", "random", "nevergrad"]
 _STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -31,6 +31,8 @@ class SamplerConfig(BaseModel):
     seed: int = 0
     n_startup_trials: int | None = Field(default=None, ge=0)
     population_size: int | None = Field(default=None, ge=2)
+    optimizer: str = "NGOpt"
+    """For ``name: nevergrad``: the nevergrad optimizer (``CMA``, ``NGOpt``, ``TwoPointsDE``, ...)."""
 
 
 class FidelityConfig(BaseModel):
@@ -68,6 +70,29 @@ class BackendConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)
 
 
+class ExecutorConfig(BaseModel):
+    """Where candidates are evaluated: ``local`` (in this process, one at a time) or ``ray`` (a pool of
+    ``workers`` actors, each holding the base, the task vectors and one live model, given candidates as
+    soon as they are free). ``retries``: how many times a trial whose worker died is run again on the
+    replacement worker before it is recorded as FAILED."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    retries: int = Field(default=1, ge=0)
+    address: str | None = None
+    """Ray only: ``auto`` joins a running cluster; None starts a local Ray."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ExecutorConfig:
+        if self.kind == "local" and self.workers != 1:
+            raise ValueError("workers: the local executor runs one candidate at a time (use kind: ray)")
+        return self
+
+
 class SweepConfig(BaseModel):
     """One sweep. Either ``zoo`` (a zoo preset or zoo YAML that provides models and tasks) or both
     ``models`` and ``tasks`` must be given."""
@@ -86,12 +111,15 @@ class SweepConfig(BaseModel):
     n_trials: int = Field(default=30, ge=1)
     # Known-good starting points, enqueued before the sampler takes over: a value per searched
     # parameter, the same for all layers (a scalar for all experts or a list with one per expert).
-    seed_genomes: tuple[dict[str, float | list[float]], ...] = ()
+    seed_genomes: tuple[dict[str, float | list[float] | str], ...] = ()
+    # Known-good recipes enqueued first: ``uniform`` (weight 1/N each) and/or ``experts`` (each alone).
+    seed_recipes: tuple[Literal["uniform", "experts"], ...] = ()
     # Weights of the uniform task-arithmetic baselines in the final report; 0 stands for 1/N.
     baseline_weights: tuple[float, ...] = (0.0, 1.0)
     materialize_best: bool = True
     backend: BackendConfig = Field(default_factory=BackendConfig)
     fidelity: FidelityConfig | None = None
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:

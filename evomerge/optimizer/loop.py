@@ -8,23 +8,35 @@ memory, an exception in a kernel) becomes a FAILED trial with its error recorded
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from evomerge.checkpoints import ModelDir
-from evomerge.errors import EvomergeError, UserError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluators import EvalResult, HFBackend, QuestionRecord, TaskConfig, evaluate
-from evomerge.evaluators.tasks import Split
+from evomerge.evaluators.tasks import Split, resolve_path
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.optimizer.config import SweepConfig
-from evomerge.optimizer.study import open_study, recover_stale_trials
+from evomerge.optimizer.executors import Executor, LocalExecutor, StepJob, StepResult, TrialWorker, WorkerDied
+from evomerge.optimizer.export import write_text_atomic
+from evomerge.optimizer.study import (
+    RECOVERY_INTERVAL_S,
+    Heartbeat,
+    count_trials,
+    open_study,
+    owner_id,
+    quiet_heartbeat,
+    recover_stale_trials,
+)
 from evomerge.search_spaces import SearchSpace
 
 TrialCallback = Callable[[int, int, "TrialOutcome"], None]
@@ -71,6 +83,17 @@ def resolve_sweep(
     base = str((root / config.models.base).resolve())
     experts = tuple(str((root / e).resolve()) for e in config.models.experts)
     return ResolvedSweep(config, base, experts, config.tasks, data_dir)
+
+
+def resolved_from_run(data: Mapping[str, Any]) -> ResolvedSweep:
+    """The sweep a run directory's ``sweep.json`` records (models and tasks as they were resolved)."""
+    from evomerge.config_util import validate_model
+
+    config = validate_model(SweepConfig, data["config"], where="sweep.json: config")
+    tasks = tuple(
+        validate_model(TaskConfig, t, where=f"sweep.json: tasks[{i}]") for i, t in enumerate(data["tasks"])
+    )
+    return ResolvedSweep(config, data["base"], tuple(data["experts"]), tasks, data["data_dir"])
 
 
 class LocalEvaluator:
@@ -158,16 +181,28 @@ def build_space(sweep: ResolvedSweep, num_layers: int) -> SearchSpace:
 
 def run_search(
     sweep: ResolvedSweep,
-    evaluator: LocalEvaluator,
+    executor: Executor | LocalEvaluator,
     *,
     on_trial: TrialCallback | None = None,
     max_consecutive_failures: int = 10,
+    allow_test_fitness: bool = False,
 ) -> optuna.Study:
-    """Run trials until the study holds ``n_trials`` complete ones; returns the study."""
+    """Run trials until the study holds ``n_trials`` complete ones; returns the study.
+
+    Asynchronous: every free worker of ``executor`` gets a new candidate at once (a ``LocalEvaluator``
+    is run as the local executor's one worker). A multi-fidelity trial climbs its rungs on the worker
+    that merged it; after each rung the study's pruner decides whether it goes on. Trials left RUNNING
+    by a sweep process that died are failed and their candidates asked again first. Statistics of this
+    session (trials per minute, worker idle fraction) go to ``RUN_DIR/search_stats.json``.
+    """
+    if isinstance(executor, LocalEvaluator):
+        executor = LocalExecutor(sweep, TrialWorker.from_evaluator(executor))
+    check_held_out(sweep, allow_test_fitness=allow_test_fitness)
     config = sweep.config
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "sweep.json").write_text(
+    write_text_atomic(
+        run_dir / "sweep.json",
         json.dumps(
             {
                 "config": config.model_dump(mode="json"),
@@ -178,104 +213,282 @@ def run_search(
                 "data_dir": sweep.data_dir,
             },
             indent=2,
-        )
+        ),
     )
-    study = open_study(config, [t.name for t in sweep.tasks])
+    study = open_study(config, [t.name for t in sweep.tasks], workers=executor.num_workers)
     recover_stale_trials(study)
-    space = build_space(sweep, evaluator.merger.num_layers)
-    distributions = space.distributions()
+    with ModelDir(sweep.base) as md:
+        num_layers = md.num_layers
+    space = build_space(sweep, num_layers)
     if not study.trials:
-        for values in config.seed_genomes:
-            study.enqueue_trial(space.uniform_genome(values), skip_if_exists=True)
-
-    def complete() -> int:
-        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-
-    done = complete()
-    failures = 0
-    last_error = ""
-    while done < config.n_trials:
-        trial = study.ask(distributions)
-        outcome = _run_trial(config, space, evaluator, study, trial)
-        if outcome.state == "COMPLETE":
-            done += 1
-            failures = 0
-        elif (
-            outcome.state == "PRUNED"
-        ):  # a cheap early stop, not a failure; the budget counts complete trials
-            failures = 0
-        else:
-            failures += 1
-            last_error = outcome.error or ""
-            if failures >= max_consecutive_failures:
-                raise EvomergeError(
-                    f"sweep stopped after {failures} failed trials in a row; last error: {last_error}"
-                )
-        if on_trial is not None:
-            on_trial(done, config.n_trials, outcome)
+        seeds = space.seed_genomes(config.seed_recipes) + [
+            space.uniform_genome(values) for values in config.seed_genomes
+        ]
+        for genome in seeds:
+            study.enqueue_trial(genome, skip_if_exists=True)
+    driver = _Driver(sweep, space, study, executor, on_trial, max_consecutive_failures)
+    try:
+        driver.run()
+    finally:
+        driver.stop_heartbeat()
+        close = getattr(study.sampler, "close", None)
+        if close is not None:  # e.g. nevergrad's recast optimizers run non-daemon threads
+            close()
+        _append_stats(run_dir / "search_stats.json", driver.stats())
     return study
 
 
-def _climb_rungs(
-    rungs: Sequence[int], evaluator: LocalEvaluator, recipe: MergeRecipe, trial: optuna.Trial
-) -> tuple[TrialOutcome | None, EvalResult | None, float, float]:
-    """Score ``recipe`` on each rung's subset in turn, reporting to Optuna, then on the full dev set.
-
-    Rung subsets are nested (each the first questions of a fixed order), and every question is generated
-    once: a later rung and the full set only score the questions earlier rungs did not. Returns (the
-    outcome of a pruned trial with its last rung's scores, or None; the full dev result, or None when
-    pruned; merge seconds; eval seconds).
-    """
-    t0 = time.perf_counter()
-    state = evaluator.merger.merge(recipe)
-    merge_s = time.perf_counter() - t0
-    memo: dict[tuple[str, str, str], QuestionRecord] = {}
-    loaded = False
-    for rung in rungs:
-        result = evaluator.score_state(state, "dev", questions=rung, memo=memo, loaded=loaded)
-        loaded = True
-        trial.report(result.mean, step=rung)
-        trial.set_user_attr(f"rung_{rung}", result.scores)
-        if trial.should_prune():
-            trial.set_user_attr("pruned_at", rung)
-            outcome = TrialOutcome(trial.number, "PRUNED", result.mean, result.scores, None)
-            return outcome, None, merge_s, time.perf_counter() - t0 - merge_s
-    result = evaluator.score_state(state, "dev", memo=memo, loaded=loaded)
-    return None, result, merge_s, time.perf_counter() - t0 - merge_s
+@dataclass
+class _Active:
+    trial: optuna.Trial
+    recipe: dict[str, Any]
+    rung: int  # index into the rungs; len(rungs) is the full dev set
+    attempts: int = 0
 
 
-def _run_trial(
-    config: SweepConfig,
-    space: SearchSpace,
-    evaluator: LocalEvaluator,
-    study: optuna.Study,
-    trial: optuna.Trial,
-) -> TrialOutcome:
-    try:
-        recipe = space.to_recipe(trial.params)
-        trial.set_user_attr("recipe", recipe.to_dict())
-        if config.fidelity is None:
-            result, merge_s, eval_s = evaluator.score_recipe(recipe, "dev")
+class _Driver:
+    """The asynchronous ask / evaluate / tell loop of :func:`run_search`."""
+
+    def __init__(
+        self,
+        sweep: ResolvedSweep,
+        space: SearchSpace,
+        study: optuna.Study,
+        executor: Executor,
+        on_trial: TrialCallback | None,
+        max_consecutive_failures: int,
+    ) -> None:
+        self.config = sweep.config
+        self.space = space
+        self.study = study
+        self.executor = executor
+        self.on_trial = on_trial
+        self.max_failures = max_consecutive_failures
+        self.distributions = space.distributions()
+        self.rungs: tuple[int, ...] = self.config.fidelity.rungs if self.config.fidelity else ()
+        self.active: dict[int, _Active] = {}
+        self.owner = owner_id()
+        self.failures = 0
+        self.done = count_trials(study, TrialState.COMPLETE)
+        self.started = time.time()
+        self.spans: dict[int, list[tuple[float, float]]] = {}  # worker pid -> step (start, end)
+        self.finished = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+        self.last_recovery = time.monotonic()
+        self._heartbeat = Heartbeat(study, lambda: [a.trial for a in self.active.values()])
+
+    def stop_heartbeat(self) -> None:
+        self._heartbeat.stop()
+
+    # -- asking ---------------------------------------------------------------------------------
+    def _budget_left(self) -> bool:
+        """Another trial may start: complete trials + trials running anywhere stay under n_trials."""
+        running = count_trials(self.study, TrialState.RUNNING)
+        return count_trials(self.study, TrialState.COMPLETE) + running < self.config.n_trials
+
+    def _ask(self, worker: int) -> None:
+        with quiet_heartbeat():
+            trial = self.study.ask(self.distributions)
+        trial.set_user_attr("owner", self.owner)
+        try:
+            recipe = self.space.to_recipe(trial.params).to_dict()
+        except EvomergeError as err:  # a genome the space cannot turn into a recipe: a failed trial
+            self._finish(trial, "FAIL", error=_one_line(err))
+            return
+        trial.set_user_attr("recipe", recipe)
+        self.active[worker] = _Active(trial, recipe, 0)
+        self._submit(worker)
+
+    def _submit(self, worker: int) -> None:
+        a = self.active[worker]
+        questions = self.rungs[a.rung] if a.rung < len(self.rungs) else None
+        if a.rung == 0:
+            a.trial.set_user_attr("worker_pid", self.executor.pid_of(worker))
+        self.executor.submit(worker, StepJob(a.trial.number, a.recipe, questions))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            if time.monotonic() - self.last_recovery > RECOVERY_INTERVAL_S:
+                self.last_recovery = time.monotonic()
+                recover_stale_trials(self.study)
+            for worker in range(self.executor.num_workers):
+                if worker not in self.active and self._budget_left():
+                    self._ask(worker)
+            if not self.active:
+                if count_trials(self.study, TrialState.COMPLETE) >= self.config.n_trials:
+                    return
+                if count_trials(self.study, TrialState.RUNNING) == 0:
+                    continue  # e.g. every ask failed at once; ask again
+                time.sleep(1.0)  # other processes hold the remaining budget: wait for them
+                recover_stale_trials(self.study)
+                continue
+            worker, result = self.executor.wait()
+            self._handle(worker, result)
+
+    def _handle(self, worker: int, result: StepResult | WorkerDied) -> None:
+        a = self.active[worker]
+        if isinstance(result, WorkerDied):
+            self.executor.replace(worker)
+            retries = self.config.executor.retries
+            if a.attempts < retries:
+                a.attempts += 1
+                a.rung = 0
+                a.trial.set_user_attr("worker_restarts", a.attempts)
+                self._submit(worker)
+                return
+            del self.active[worker]
+            self._finish(a.trial, "FAIL", error=f"worker died: {result.message}")
+            return
+        self.spans.setdefault(result.worker_pid, []).append((result.started, result.finished))
+        if result.error is not None:
+            del self.active[worker]
+            self._finish(a.trial, "FAIL", error=result.error)
+            if result.user_error:  # a bad config (missing task data, unreadable model) stops the sweep
+                raise ConfigError(result.error.split(": ", 1)[-1])
+            return
+        assert result.mean is not None
+        a.trial.set_user_attr(
+            "merge_seconds",
+            round(float(a.trial.user_attrs.get("merge_seconds", 0.0)) + result.merge_seconds, 4),
+        )
+        a.trial.set_user_attr(
+            "eval_seconds", round(float(a.trial.user_attrs.get("eval_seconds", 0.0)) + result.eval_seconds, 4)
+        )
+        if a.rung < len(self.rungs):
+            rung = self.rungs[a.rung]
+            a.trial.report(result.mean, step=rung)
+            a.trial.set_user_attr(f"rung_{rung}", result.scores)
+            if a.trial.should_prune():
+                a.trial.set_user_attr("pruned_at", rung)
+                del self.active[worker]
+                self._finish(a.trial, "PRUNED", mean=result.mean, scores=result.scores)
+                return
+            a.rung += 1
+            self._submit(worker)
+            return
+        del self.active[worker]
+        a.trial.set_user_attr("scores", result.scores)
+        a.trial.set_user_attr("mean", result.mean)
+        self._finish(a.trial, "COMPLETE", mean=result.mean, scores=result.scores)
+
+    def _finish(
+        self,
+        trial: optuna.Trial,
+        state: str,
+        *,
+        mean: float | None = None,
+        scores: dict[str, float] | None = None,
+        error: str | None = None,
+    ) -> None:
+        try:
+            with quiet_heartbeat():
+                if state == "COMPLETE":
+                    assert scores is not None and mean is not None
+                    multi = self.config.multi_objective
+                    values = [scores[t] for t in self.space_tasks] if multi else mean
+                    self.study.tell(trial, values)
+                else:
+                    if error is not None:
+                        trial.set_user_attr("error", error)
+                    self.study.tell(trial, state=TrialState.PRUNED if state == "PRUNED" else TrialState.FAIL)
+        except (RuntimeError, ValueError) as err:
+            if "finished" not in str(err).lower() and "already" not in str(err).lower():
+                raise
+            state = "FAIL"  # another process failed it as stale meanwhile; it was asked again there
+            error = "failed as stale by another sweep process"
+        self.finished[state] += 1
+        if state == "COMPLETE":
+            self.done += 1
+            self.failures = 0
+        elif state == "PRUNED":  # a cheap early stop, not a failure; the budget counts complete trials
+            self.failures = 0
         else:
-            pruned, full, merge_s, eval_s = _climb_rungs(config.fidelity.rungs, evaluator, recipe, trial)
-            if pruned is not None:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                return pruned
-            assert full is not None
-            result = full
-    except (KeyboardInterrupt, UserError):
-        # An interrupt or a bad config (missing task data, unreadable model) stops the sweep with one
-        # clear line; the trial is recorded as failed and a rerun continues the study.
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        raise
-    except Exception as err:  # failures are data: the trial fails, the sweep goes on
-        message = _one_line(err)
-        trial.set_user_attr("error", message)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return TrialOutcome(trial.number, "FAIL", None, {}, message)
-    trial.set_user_attr("scores", result.scores)
-    trial.set_user_attr("mean", result.mean)
-    trial.set_user_attr("merge_seconds", round(merge_s, 4))
-    trial.set_user_attr("eval_seconds", round(eval_s, 4))
-    study.tell(trial, objective_values(config, result))
-    return TrialOutcome(trial.number, "COMPLETE", result.mean, result.scores, None)
+            self.failures += 1
+        if self.on_trial is not None:
+            self.on_trial(
+                count_trials(self.study, TrialState.COMPLETE),
+                self.config.n_trials,
+                TrialOutcome(trial.number, state, mean, scores or {}, error),
+            )
+        if state == "FAIL" and self.failures >= self.max_failures:
+            raise EvomergeError(
+                f"sweep stopped after {self.failures} failed trials in a row; last error: {error}"
+            )
+
+    @property
+    def space_tasks(self) -> list[str]:
+        return list(self.study.metric_names or [])
+
+    def stats(self) -> dict[str, Any]:
+        """This session's trials per minute and the workers' idle fraction between their steps (while
+        trials remained: the gaps between one step's end and the next step's start on each worker)."""
+        wall = time.time() - self.started
+        busy = sum(end - start for spans in self.spans.values() for start, end in spans)
+        span = 0.0
+        for spans in self.spans.values():
+            spans.sort()
+            span += spans[-1][1] - spans[0][0]
+        return {
+            "started": self.started,
+            "wall_seconds": round(wall, 3),
+            "workers": self.executor.num_workers,
+            "executor": self.config.executor.kind,
+            "complete": self.finished["COMPLETE"],
+            "pruned": self.finished["PRUNED"],
+            "failed": self.finished["FAIL"],
+            "trials_per_minute": round(60 * sum(self.finished.values()) / wall, 3) if wall > 0 else None,
+            "busy_seconds": round(busy, 3),
+            "idle_fraction": round(1 - busy / span, 4) if span > 0 else None,
+        }
+
+
+def _append_stats(path: Path, stats: dict[str, Any]) -> None:
+    sessions: list[Any] = []
+    if path.exists():
+        try:
+            sessions = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            sessions = []
+    sessions.append(stats)
+    write_text_atomic(path, json.dumps(sessions, indent=2))
+
+
+def check_held_out(sweep: ResolvedSweep, *, allow_test_fitness: bool = False) -> None:
+    """Refuse a sweep whose fitness (dev split) would read a file that some task uses as its test split.
+
+    One file named for both splits of the *same* task is fine: it is split in two disjoint halves. Any
+    other overlap (a dev file that is another task's test file, or the same content under another
+    name) puts held-out questions into the fitness; ``allow_test_fitness`` accepts it on purpose.
+    """
+    if allow_test_fitness:
+        return
+    test_files: dict[str, tuple[str, str]] = {}  # content digest -> (task, path)
+    for task in sweep.tasks:
+        if task.kind == "lmeval" or "test" not in task.data_files:
+            continue
+        path = resolve_path(task, "test", sweep.data_dir)
+        if path.is_file():
+            test_files[_digest(path)] = (task.name, str(path))
+    for task in sweep.tasks:
+        if task.kind == "lmeval" or "dev" not in task.data_files:
+            continue
+        path = resolve_path(task, "dev", sweep.data_dir)
+        if not path.is_file():
+            continue
+        owner = test_files.get(_digest(path))
+        if owner is None:
+            continue
+        same_task_split = owner[0] == task.name and task.data_files.get("dev") == task.data_files.get("test")
+        if not same_task_split:
+            raise ConfigError(
+                f"task {task.name!r}: its dev file {path} is the test split of task {owner[0]!r} "
+                f"({owner[1]}); fitness must not see test questions (--allow-test-fitness overrides)"
+            )
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

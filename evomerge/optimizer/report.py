@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -17,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.merging import MergeRecipe, merge_streaming
 from evomerge.optimizer.export import trial_recipe, write_text_atomic
 from evomerge.optimizer.loop import LocalEvaluator, ResolvedSweep
+from evomerge.optimizer.plots import write_report_plots
 from evomerge.optimizer.study import best_trial, complete_trials, pareto_front
 from evomerge.search_spaces import expert_aliases
 
@@ -135,6 +137,8 @@ def final_report(
         model_dir = run_dir / "best_model"
         merge_streaming(recipe, model_dir, overwrite=True, progress=materialize_progress)
         report.paths["best_model"] = str(model_dir)
+    plots = write_report_plots(study, tasks, run_dir, num_layers=evaluator.merger.num_layers)
+    report.paths.update({name: str(path) for name, path in plots.items()})
     report.paths["report"] = str(run_dir / "report.md")
     report.paths["study"] = config.storage_url()
     write_text_atomic(run_dir / "report.md", render_markdown(report))
@@ -180,4 +184,12 @@ def render_markdown(report: FinalReport) -> str:
     ]
     if "best_model" in report.paths:
         lines += [f"Merged model: `{report.paths['best_model']}`", ""]
+    figures = [
+        ("history", "Optimization history (dev mean per trial, running best)"),
+        ("pareto", "Pareto front on the dev split"),
+        ("heatmap", "The best recipe's parameters per layer and expert"),
+    ]
+    for key, caption in figures:
+        if key in report.paths:
+            lines += [f"## {caption}", "", f"![{key}]({Path(report.paths[key]).name})", ""]
     return "\n".join(lines)

@@ -1,10 +1,22 @@
-"""The Optuna study: storage, samplers, objective names, crash recovery, Pareto fronts."""
+"""The Optuna study: storage, samplers, objective names, crash recovery, Pareto fronts.
+
+Crash recovery. Each trial records its ``owner`` (host, pid and the process start time) when it is
+asked, and RDB storages get heartbeats for running trials. A RUNNING trial is stale when its owner is a
+process of this host that no longer exists, when it has no owner and started over a minute ago, or
+(any host) when its heartbeat is older than the grace period. Stale trials are failed with an ``error``
+and their parameters enqueued again, so the candidate a crash interrupted is evaluated first.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import threading
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -12,12 +24,26 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.errors import ConfigError
 from evomerge.optimizer.config import SamplerConfig, SweepConfig
 
+HEARTBEAT_INTERVAL_S = 30
+GRACE_PERIOD_S = 120
+RECOVERY_INTERVAL_S = 30.0
+"""How often a running sweep looks for stale trials of other (dead) processes sharing its study."""
 
-def make_sampler(cfg: SamplerConfig) -> optuna.samplers.BaseSampler:
+
+def make_sampler(
+    cfg: SamplerConfig, *, workers: int = 1, budget: int | None = None
+) -> optuna.samplers.BaseSampler:
+    """The sampler; with several workers TPE uses the constant liar (running trials count as bad)."""
     if cfg.name == "tpe":
         return optuna.samplers.TPESampler(
-            seed=cfg.seed, n_startup_trials=cfg.n_startup_trials if cfg.n_startup_trials is not None else 8
+            seed=cfg.seed,
+            n_startup_trials=cfg.n_startup_trials if cfg.n_startup_trials is not None else 8,
+            constant_liar=workers > 1,
         )
+    if cfg.name == "nevergrad":
+        from evomerge.optimizer.nevergrad_sampler import NevergradSampler
+
+        return NevergradSampler(cfg.optimizer, seed=cfg.seed, budget=budget, num_workers=workers)
     if cfg.name == "cmaes":
         return optuna.samplers.CmaEsSampler(
             seed=cfg.seed,
@@ -42,7 +68,27 @@ def make_pruner(config: SweepConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=fidelity.n_startup_trials)
 
 
-def open_study(config: SweepConfig, task_names: Sequence[str]) -> optuna.Study:
+def make_storage(url: str) -> optuna.storages.BaseStorage | str:
+    """RDB URLs (sqlite, postgresql, ...) get heartbeats, so other hosts can tell a dead sweep's trials."""
+    if "://" not in url or url.startswith(("journal", "redis")):
+        return url
+    with warnings.catch_warnings():  # heartbeats are "experimental" in optuna, stable in practice
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S
+        )
+
+
+@contextlib.contextmanager
+def quiet_heartbeat() -> Iterator[None]:
+    """Silence optuna's warning that heartbeats are meant for ``Study.optimize``: our ask/tell loop
+    records them itself (:class:`Heartbeat`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        yield
+
+
+def open_study(config: SweepConfig, task_names: Sequence[str], *, workers: int = 1) -> optuna.Study:
     """Create the study, or load it when it exists (a sweep continues where it stopped)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     n_obj = len(task_names) if config.multi_objective else 1
@@ -52,8 +98,8 @@ def open_study(config: SweepConfig, task_names: Sequence[str]) -> optuna.Study:
     try:
         study = optuna.create_study(
             study_name=config.study_name,
-            storage=config.storage_url(),
-            sampler=make_sampler(config.sampler),
+            storage=make_storage(config.storage_url()),
+            sampler=make_sampler(config.sampler, workers=workers, budget=config.n_trials),
             pruner=make_pruner(config),
             directions=directions,
             load_if_exists=True,
@@ -73,12 +119,114 @@ def open_study(config: SweepConfig, task_names: Sequence[str]) -> optuna.Study:
     return study
 
 
-def recover_stale_trials(study: optuna.Study) -> int:
-    """Mark trials left RUNNING by a crashed sweep as FAILED; returns how many."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        study.tell(t.number, state=TrialState.FAIL)
-    return len(stale)
+def owner_id() -> str:
+    """This process, as recorded on the trials it runs: ``host:pid:start time``."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def _process_start(pid: int) -> str:
+    """The start time of ``pid`` (clock ticks since boot, from /proc), or "" where unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def owner_alive(owner: str) -> bool | None:
+    """Whether the process that recorded ``owner`` still runs; None for another host (unknown here)."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname():
+        return None
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if not start:  # no /proc: fall back to whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return _process_start(pid) == start
+
+
+def _heartbeat_stale_ids(study: optuna.Study) -> set[int]:
+    storage: Any = study._storage
+    get = getattr(storage, "_get_stale_trial_ids", None)
+    if get is None or not getattr(storage, "is_heartbeat_enabled", lambda: False)():
+        return set()
+    try:
+        return set(get(study._study_id))
+    except Exception:  # an optuna that changed this private helper: fall back to owner checks only
+        return set()
+
+
+def recover_stale_trials(study: optuna.Study, *, requeue: bool = True) -> list[int]:
+    """Fail the RUNNING trials of sweep processes that died (see the module docstring) and, with
+    ``requeue``, enqueue their parameters again; returns the failed trial numbers."""
+    stale_by_heartbeat = _heartbeat_stale_ids(study)
+    now = datetime.now()
+    recovered: list[int] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        if t._trial_id in stale_by_heartbeat:
+            stale = True
+        elif owner is None:
+            started = t.datetime_start or now
+            stale = now - started > timedelta(seconds=60)
+        else:
+            stale = owner_alive(str(owner)) is False
+        if not stale:
+            continue
+        try:
+            study._storage.set_trial_user_attr(
+                t._trial_id, "error", "the sweep process running it stopped (crash or kill)"
+            )
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another process recovered it first
+            continue
+        recovered.append(t.number)
+        # the candidate: its sampled parameters, or those it was enqueued with when the process died
+        # before sampling them (none at all when it died inside the sampler: nothing to ask again)
+        params = dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
+        if requeue and params:
+            study.enqueue_trial(params, user_attrs={"requeued_from": t.number})
+    return recovered
+
+
+def count_trials(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+class Heartbeat:
+    """Records heartbeats of the running trials (RDB storages) every HEARTBEAT_INTERVAL_S seconds."""
+
+    def __init__(self, study: optuna.Study, running: Callable[[], list[optuna.Trial]]) -> None:
+        self._storage: Any = study._storage
+        self._running = running
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if getattr(self._storage, "is_heartbeat_enabled", lambda: False)():
+            self._thread = threading.Thread(target=self._beat, name="evomerge-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL_S / 2):
+            for trial in list(self._running()):
+                # a trial that just finished, a storage hiccup: try again next beat
+                with contextlib.suppress(Exception):
+                    self._storage.record_heartbeat(trial._trial_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -8,6 +8,13 @@ Granularity:
 - ``global``: one value per expert and parameter.
 - ``layer_group``: one value per group of ``group_size`` consecutive layers.
 - ``layer``: one value per layer.
+- ``control_points``: ``control_points`` values per expert and parameter, evenly spaced over the layer
+  stack (first and last layer included) and linearly interpolated between: a smooth per-layer profile
+  with a few genes (gene ``g<k>`` is control point ``k``).
+
+``methods`` (two or more) adds a categorical gene ``method`` that picks the merge method per candidate;
+each method takes the searched parameters it knows (``density`` is ignored by ``task_arithmetic``) and
+its own ``global_parameters``.
 
 Group values become a per-layer list of length ``num_layers`` in the recipe, so the recipe's linear
 interpolation (position ``l/(n-1)`` over ``n`` entries) lands exactly on layer ``l``'s value; tensors
@@ -22,13 +29,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merging import MergeRecipe, get_method, param_domain
 
-Granularity = Literal["global", "layer_group", "layer"]
+Granularity = Literal["global", "layer_group", "layer", "control_points"]
 _ALIAS_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -67,6 +74,10 @@ class SearchSpaceConfig(BaseModel):
     )
     granularity: Granularity = "layer_group"
     group_size: int = Field(default=2, ge=1)
+    control_points: int = Field(default=3, ge=2)
+    """For ``granularity: control_points``: points per expert and parameter (2 is a linear ramp)."""
+    methods: tuple[str, ...] = ()
+    """Two or more methods: the method becomes a searched categorical (``method`` is then ignored)."""
     split_attn_mlp: bool = False
     global_parameters: dict[str, StrictBool | float] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -74,22 +85,30 @@ class SearchSpaceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SearchSpaceConfig:
-        method = get_method(self.method)
+        if len(self.methods) == 1 or len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods: give two or more different methods (or just 'method')")
+        methods = [get_method(m) for m in self.candidate_methods]
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise ValueError(f"params: duplicate parameter in {names}")
         for n in names:
-            if n not in method.model_params:
-                known = ", ".join(sorted(method.model_params)) or "none"
-                raise ValueError(f"params: {self.method} has no per-model parameter {n!r} (known: {known})")
+            if not any(n in m.model_params for m in methods):
+                known = ", ".join(sorted({k for m in methods for k in m.model_params})) or "none"
+                which = " / ".join(self.candidate_methods)
+                raise ValueError(f"params: {which} has no per-model parameter {n!r} (known: {known})")
         for n, v in self.global_parameters.items():
-            if n not in method.global_params:
-                known = ", ".join(sorted(method.global_params)) or "none"
-                raise ValueError(f"global_parameters: {self.method} has no parameter {n!r} (known: {known})")
+            if not any(n in m.global_params for m in methods):
+                known = ", ".join(sorted({k for m in methods for k in m.global_params})) or "none"
+                which = " / ".join(self.candidate_methods)
+                raise ValueError(f"global_parameters: {which} has no parameter {n!r} (known: {known})")
             problem = param_domain(n).problem(v)
             if problem is not None:
                 raise ValueError(f"global_parameters.{n}: {problem}")
         return self
+
+    @property
+    def candidate_methods(self) -> tuple[str, ...]:
+        return self.methods or (self.method,)
 
 
 def expert_aliases(expert_paths: Sequence[str]) -> list[str]:
@@ -123,6 +142,8 @@ class SearchSpace:
             self.num_groups = 1
         elif config.granularity == "layer":
             self.num_groups = num_layers
+        elif config.granularity == "control_points":
+            self.num_groups = config.control_points
         else:
             self.num_groups = math.ceil(num_layers / config.group_size)
         self.parts: tuple[str, ...] = ("attn", "mlp") if config.split_attn_mlp else ("",)
@@ -133,8 +154,10 @@ class SearchSpace:
         return f"{alias}.{param}{mid}.g{group}"
 
     def distributions(self) -> dict[str, BaseDistribution]:
-        """One Optuna distribution per gene, in a stable order."""
+        """One Optuna distribution per gene, in a stable order (``method`` first when it is searched)."""
         out: dict[str, BaseDistribution] = {}
+        if self.config.methods:
+            out["method"] = CategoricalDistribution(self.config.methods)
         for alias in self.aliases:
             for p in self.config.params:
                 for part in self.parts:
@@ -146,9 +169,10 @@ class SearchSpace:
 
     @property
     def dimension(self) -> int:
-        return len(self.config.params) * len(self.aliases) * len(self.parts) * self.num_groups
+        genes = len(self.config.params) * len(self.aliases) * len(self.parts) * self.num_groups
+        return genes + (1 if self.config.methods else 0)
 
-    def uniform_genome(self, values: Mapping[str, float | Sequence[float]]) -> dict[str, float]:
+    def uniform_genome(self, values: Mapping[str, float | Sequence[float] | str]) -> dict[str, float]:
         """A genome with the same value for every layer and part: ``values[param]`` is a scalar for all
         experts or a sequence with one value per expert. Values are clipped into the bounds."""
         genome: dict[str, float] = {}
@@ -157,6 +181,8 @@ class SearchSpace:
                 if p.name not in values:
                     raise ConfigError(f"seed recipe: no value for parameter {p.name!r}")
                 raw = values[p.name]
+                if isinstance(raw, str):
+                    raise ConfigError(f"seed recipe: {p.name} must be a number or a list, not {raw!r}")
                 if not isinstance(raw, int | float) and len(raw) != len(self.aliases):
                     raise ConfigError(
                         f"seed recipe: {p.name} has {len(raw)} values for {len(self.aliases)} experts"
@@ -166,12 +192,50 @@ class SearchSpace:
                 for part in self.parts:
                     for g in range(self.num_groups):
                         genome[self.gene_name(alias, p.name, part, g)] = v
+        if self.config.methods:
+            method = values.get("method", self.config.methods[0])
+            if method not in self.config.methods:
+                raise ConfigError(f"seed recipe: method {method!r} is not one of {list(self.config.methods)}")
+            genome["method"] = method  # type: ignore[assignment]
         return genome
+
+    def seed_genomes(self, kinds: Sequence[str]) -> list[dict[str, float]]:
+        """Known-good starting points: ``uniform`` (every expert at weight 1/N, density 1: uniform task
+        arithmetic, or its method's nearest equivalent) and ``experts`` (one genome per expert: weight 1
+        for it, 0 for the others, density 1: the expert itself). Parameters other than weight and density
+        start at the middle of their range; values are clipped into the bounds."""
+        n = len(self.aliases)
+
+        def values(weights: list[float]) -> dict[str, float | list[float]]:
+            out: dict[str, float | list[float]] = {}
+            for p in self.config.params:
+                if p.name == "weight":
+                    out[p.name] = weights
+                elif p.name == "density":
+                    out[p.name] = 1.0
+                else:
+                    out[p.name] = (p.low * p.high) ** 0.5 if p.log else (p.low + p.high) / 2
+            return out
+
+        genomes: list[dict[str, float]] = []
+        for kind in kinds:
+            if kind == "uniform":
+                genomes.append(self.uniform_genome(values([1.0 / n] * n)))
+            elif kind == "experts":
+                genomes += [
+                    self.uniform_genome(values([1.0 if j == i else 0.0 for j in range(n)])) for i in range(n)
+                ]
+            else:
+                raise ConfigError(f"seed_recipes: unknown kind {kind!r} (known: uniform, experts)")
+        return genomes
 
     # -- genome -> recipe -------------------------------------------------------------------------
     def _layer_list(self, genome: Mapping[str, float], alias: str, param: str, part: str) -> list[float]:
         if self.config.granularity == "global":
             return [genome[self.gene_name(alias, param, part, 0)]]
+        if self.config.granularity == "control_points":
+            points = [genome[self.gene_name(alias, param, part, k)] for k in range(self.num_groups)]
+            return [_interpolate(points, layer, self.num_layers) for layer in range(self.num_layers)]
         size = 1 if self.config.granularity == "layer" else self.config.group_size
         return [genome[self.gene_name(alias, param, part, layer // size)] for layer in range(self.num_layers)]
 
@@ -187,27 +251,43 @@ class SearchSpace:
             {"value": _compact(rest)},
         ]
 
-    def to_recipe(self, genome: Mapping[str, float]) -> MergeRecipe:
+    def to_recipe(self, genome: Mapping[str, Any]) -> MergeRecipe:
         missing = [k for k in self.distributions() if k not in genome]
         if missing:
             raise ConfigError(f"genome is missing gene {missing[0]!r}")
+        method_name = str(genome["method"]) if self.config.methods else self.config.method
+        method = get_method(method_name)
+        params = [p for p in self.config.params if p.name in method.model_params]
         models = [
             {
                 "model": path,
-                "parameters": {p.name: self._param_value(genome, alias, p.name) for p in self.config.params},
+                "parameters": {p.name: self._param_value(genome, alias, p.name) for p in params},
             }
             for alias, path in zip(self.aliases, self.experts, strict=True)
         ]
+        global_parameters = {
+            k: v for k, v in self.config.global_parameters.items() if k in method.global_params
+        }
         return MergeRecipe.model_validate(
             {
-                "merge_method": self.config.method,
+                "merge_method": method_name,
                 "base_model": self.base_model,
                 "models": models,
-                "parameters": dict(self.config.global_parameters),
+                "parameters": global_parameters,
                 "dtype": self.config.dtype,
                 "seed": self.config.seed,
             }
         )
+
+
+def _interpolate(points: Sequence[float], layer: int, num_layers: int) -> float:
+    """The value at ``layer`` of control ``points`` evenly spaced from the first to the last layer."""
+    if num_layers == 1:
+        return float(points[0])
+    x = layer / (num_layers - 1) * (len(points) - 1)
+    k = min(int(x), len(points) - 2)
+    frac = x - k
+    return float(points[k] + (points[k + 1] - points[k]) * frac)
 
 
 def _compact(values: list[float]) -> float | list[float]:

@@ -1,0 +1,308 @@
+"""Search at scale: Ray workers (a real local Ray with 2 CPUs), a worker killed mid-trial, SIGKILLed sweeps
+that resume, the held-out guard, and the asynchronous loop's statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from evomerge.errors import ConfigError
+from evomerge.optimizer import ResolvedSweep, SamplerConfig, SweepConfig, resolve_sweep, run_search
+from evomerge.optimizer.config import ExecutorConfig
+from evomerge.optimizer.loop import check_held_out
+from evomerge.optimizer.study import open_study
+from evomerge.search_spaces import ParamRange, SearchSpaceConfig
+from evomerge.zoo import Zoo
+
+SPACE = SearchSpaceConfig(
+    method="task_arithmetic", params=(ParamRange(name="weight", low=0.0, high=1.2),), granularity="global"
+)
+
+
+def sweep_of(runs: Path, zoo_cache: Path, study: str, **fields: Any) -> ResolvedSweep:
+    cfg = SweepConfig(study_name=study, runs_dir=str(runs), zoo="micro", search_space=SPACE, **fields)
+    return resolve_sweep(cfg, zoo_cache=zoo_cache)
+
+
+def trials_in(study: optuna.Study, *states: TrialState) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=states)
+
+
+# ------------------------------------------------------------------------------------------ Ray
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=128 * 2**20,
+        _temp_dir=None,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_workers_run_a_sweep_asynchronously(
+    ray_local: Any, micro_zoo: Zoo, zoo_cache: Path, tmp_path: Path
+) -> None:
+    from evomerge.optimizer.executors import RayExecutor
+
+    sweep = sweep_of(
+        tmp_path,
+        zoo_cache,
+        "ray2",
+        sampler=SamplerConfig(name="tpe", seed=0),
+        n_trials=8,
+        executor=ExecutorConfig(kind="ray", workers=2),
+    )
+    pool = RayExecutor(sweep, num_workers=2)
+    try:
+        assert len(set(pool._pids)) == 2 and os.getpid() not in pool._pids  # two separate actor processes
+        study = run_search(sweep, pool)
+    finally:
+        pool.close()
+    assert ray_local.is_initialized()  # the executor did not shut down a Ray it did not start
+    complete = trials_in(study, TrialState.COMPLETE)
+    assert len(complete) == 8 and len(study.trials) == 8
+    assert {t.user_attrs["worker_pid"] for t in complete} == set(pool._pids)  # both workers got trials
+    for t in complete:  # the scores a worker reported are a real evaluation: every task, in [0, 1]
+        assert set(t.user_attrs["scores"]) == {"arith", "code", "logic"}
+        assert t.value == pytest.approx(t.user_attrs["mean"])
+    params = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(params)) == len(params)
+    stats = json.loads((sweep.config.run_dir() / "search_stats.json").read_text())[-1]
+    assert stats["workers"] == 2 and stats["complete"] == 8
+    assert 0.0 <= stats["idle_fraction"] < 1.0 and stats["trials_per_minute"] > 0
+
+
+def _kill_first_running(study_name: str, storage: str, killed: list[int], stop: threading.Event) -> None:
+    """Watch the study; SIGKILL the worker process of the first RUNNING trial once."""
+    study = None
+    while study is None and not stop.is_set():
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except Exception:  # the sweep has not created it (or its tables) yet
+            time.sleep(0.05)
+    while study is not None and not stop.is_set() and not killed:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            pid = t.user_attrs.get("worker_pid")
+            if pid is not None and pid != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(t.number)
+                return
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_worker_killed_mid_trial_is_replaced_and_the_sweep_goes_on(
+    ray_local: Any, micro_zoo: Zoo, zoo_cache: Path, tmp_path: Path, retries: int
+) -> None:
+    from evomerge.optimizer.executors import RayExecutor
+
+    sweep = sweep_of(
+        tmp_path,
+        zoo_cache,
+        f"kill{retries}",
+        sampler=SamplerConfig(name="random", seed=1),
+        n_trials=6,
+        executor=ExecutorConfig(kind="ray", workers=2, retries=retries),
+    )
+    open_study(sweep.config, [t.name for t in sweep.tasks])  # the watcher below loads it, never creates it
+    pool = RayExecutor(sweep, num_workers=2)
+    before = set(pool._pids)
+    killed: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_kill_first_running, args=("kill" + str(retries), sweep.config.storage_url(), killed, stop)
+    )
+    try:
+        watcher.start()
+        study = run_search(sweep, pool)
+    finally:
+        stop.set()
+        watcher.join()
+        pool.close()
+    assert len(killed) == 1
+    victim = study.trials[killed[0]]
+    assert len(trials_in(study, TrialState.COMPLETE)) == 6  # the sweep went on to its budget
+    assert set(pool._pids) != before  # the dead worker was replaced by a new process
+    if retries:
+        assert victim.state == TrialState.COMPLETE and victim.user_attrs["worker_restarts"] == 1
+        assert trials_in(study, TrialState.FAIL) == []
+    else:
+        assert victim.state == TrialState.FAIL
+        assert victim.user_attrs["error"].startswith("worker died")
+        assert [t.number for t in trials_in(study, TrialState.FAIL)] == [victim.number]
+
+
+# ------------------------------------------------------------------------------------------ kill + resume
+def _sweep_yaml(path: Path, runs: Path, study: str, sampler: dict[str, Any], n_trials: int) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "study_name": study,
+                "runs_dir": str(runs),
+                "zoo": "micro",
+                "search_space": SPACE.model_dump(mode="json"),
+                "sampler": sampler,
+                "n_trials": n_trials,
+                "seed_recipes": ["uniform"],
+                "fidelity": {"rungs": [8], "n_startup_trials": 3},
+            }
+        )
+    )
+    return path
+
+
+def _complete_count(db: Path) -> int:
+    """Complete trials, read without ever creating the database (the sweep process creates it)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return int(con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0])
+    except sqlite3.Error:  # tables not created yet, or locked for a moment
+        return 0
+
+
+@pytest.mark.parametrize(
+    "sampler", [{"name": "cmaes", "seed": 0}, {"name": "nevergrad", "optimizer": "NGOpt", "seed": 0}]
+)
+def test_sigkilled_sweeps_resume_to_exactly_the_budget(
+    micro_zoo: Zoo, evomerge_home: Path, tmp_path: Path, sampler: dict[str, Any]
+) -> None:
+    if sampler["name"] == "nevergrad":
+        pytest.importorskip("nevergrad")
+    n_trials = 16
+    study_name = f"killed-{sampler['name']}"
+    cfg = _sweep_yaml(tmp_path / "sweep.yaml", tmp_path / "runs", study_name, sampler, n_trials)
+    env = {**os.environ, "EVOMERGE_HOME": str(evomerge_home), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--no-report"]
+    storage = f"sqlite:///{tmp_path / 'runs' / study_name / 'study.db'}"
+    rng = random.Random(sampler["name"])
+    kills = 0
+    for _ in range(3):  # start, wait until some trials ran, SIGKILL at a random moment
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        target = rng.randint(1, 3)
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = _complete_count(tmp_path / "runs" / study_name / "study.db")
+            if done >= kills * 3 + target:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = trials_in(study, TrialState.COMPLETE)
+    assert len(complete) == n_trials  # exactly the budget, not one more
+    assert trials_in(study, TrialState.RUNNING) == []
+    assert [t.number for t in study.trials] == list(range(len(study.trials)))
+    params = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(params)) == len(params)  # no candidate completed twice
+    for t in complete:
+        assert set(t.user_attrs) >= {"recipe", "scores", "mean"}
+    # every trial a kill interrupted was failed and its candidate asked again
+    requeued = {t.user_attrs["requeued_from"]: t for t in study.trials if "requeued_from" in t.user_attrs}
+    interrupted = [t for t in trials_in(study, TrialState.FAIL) if "stopped" in t.user_attrs.get("error", "")]
+    assert any(t.params for t in interrupted), "no kill landed inside a trial"
+    for t in interrupted:  # (a kill inside the sampler leaves a trial with no candidate to ask again)
+        if t.params:
+            assert t.number in requeued and requeued[t.number].params == t.params
+    sessions = json.loads((tmp_path / "runs" / study_name / "search_stats.json").read_text())
+    assert len(sessions) >= 1  # the killed sessions never wrote theirs; the last one did
+
+
+# ------------------------------------------------------------------------------------------ held-out guard
+def test_fitness_on_a_test_file_is_refused_unless_allowed(
+    micro_zoo: Zoo, zoo_cache: Path, tmp_path: Path
+) -> None:
+    rows = [{"id": str(i), "question": f"{i}+1=", "answer": str(i + 1)} for i in range(12)]
+    for name in ("a_dev", "a_test", "b_dev"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    (tmp_path / "b_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[6:]))
+    (tmp_path / "a_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:9]))
+    tasks = [
+        {"name": "a", "data_files": {"dev": "a_dev.jsonl", "test": "a_test.jsonl"}},
+        # b's dev file has a's test questions (the same content under another name)
+        {"name": "b", "data_files": {"dev": "b_dev.jsonl", "test": "b_test.jsonl"}},
+    ]
+    cfg = SweepConfig.model_validate(
+        {
+            "study_name": "guard",
+            "models": {"base": micro_zoo.base, "experts": list(micro_zoo.experts.values())},
+            "tasks": tasks,
+            "data_dir": str(tmp_path),
+        }
+    )
+    sweep = resolve_sweep(cfg)
+    with pytest.raises(
+        ConfigError, match=r"task 'b': its dev file .*b_dev.jsonl is the test split of task 'a'"
+    ):
+        check_held_out(sweep)
+    check_held_out(sweep, allow_test_fitness=True)
+    # one file for both splits of one task is split disjointly: allowed
+    same = cfg.model_copy(
+        update={
+            "tasks": (
+                cfg.tasks[0].model_copy(
+                    update={"data_files": {"dev": "b_test.jsonl", "test": "b_test.jsonl"}}
+                ),
+            )
+        }
+    )
+    check_held_out(resolve_sweep(same))
+
+
+def test_cli_refuses_test_fitness_with_one_line(micro_zoo: Zoo, tmp_path: Path) -> None:
+    (tmp_path / "t.jsonl").write_text(
+        "".join(json.dumps({"id": str(i), "question": "q", "answer": "1"}) + "\n" for i in range(4))
+    )
+    (tmp_path / "t2.jsonl").write_text((tmp_path / "t.jsonl").read_text())
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "study_name": "guard-cli",
+                "runs_dir": str(tmp_path / "runs"),
+                "models": {"base": micro_zoo.base, "experts": list(micro_zoo.experts.values())},
+                "tasks": [
+                    {"name": "x", "data_files": {"dev": "t2.jsonl", "test": "t.jsonl"}},
+                ],
+                "search_space": SPACE.model_dump(mode="json"),
+                "n_trials": 1,
+            }
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--no-report"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "fitness must not see test questions" in lines[0]
+    assert "Traceback" not in run.stderr
