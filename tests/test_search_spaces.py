@@ -371,3 +371,90 @@ def test_expert_aliases_are_unique_and_gene_safe() -> None:
     assert sp.dimension == 2 * len(paths)
     recipe = sp.to_recipe(sp.uniform_genome({"weight": list(range(5)), "density": 1.0}))
     assert [float(e.parameters["weight"]) for e in recipe.models] == [0.0, 1.0, 1.5, 1.5, 1.5]  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ issue 6 additions
+@pytest.mark.parametrize("num_layers", [1, 2, 5, 9])
+def test_control_points_interpolate_linearly_over_the_layers(num_layers: int) -> None:
+    sp = space(num_layers, granularity="control_points", control_points=3)
+    assert sp.dimension == 2 * 3 * 3  # (weight, density) x experts x points
+    genome = distinct_genome(sp, seed=num_layers)
+    recipe = sp.to_recipe(genome)
+    for i, alias in enumerate(ALIASES):
+        p0, p1, p2 = (genome[f"{alias}.weight.g{k}"] for k in range(3))
+        for layer in range(num_layers):
+            x = 0.0 if num_layers == 1 else layer / (num_layers - 1)  # the layer's place in the stack
+            expected = p0 + (p1 - p0) * (x / 0.5) if x <= 0.5 else p1 + (p2 - p1) * ((x - 0.5) / 0.5)
+            if num_layers == 1:
+                expected = p0
+            params, _ = resolve_params(recipe, layer_tensors(layer)["attn"], num_layers)
+            assert params[i]["weight"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValidationError, match="control_points"):
+        SearchSpaceConfig(params=TIES_PARAMS, granularity="control_points", control_points=1)
+
+
+def test_method_choice_is_a_categorical_gene() -> None:
+    params = TIES_PARAMS
+    sp = space(4, params=params, granularity="global", methods=("ties", "task_arithmetic", "dare_ties"))
+    dists = sp.distributions()
+    assert next(iter(dists)) == "method"
+    assert dists["method"] == optuna.distributions.CategoricalDistribution(
+        ("ties", "task_arithmetic", "dare_ties")
+    )
+    assert sp.dimension == 1 + 2 * 3
+    genome: dict[str, Any] = distinct_genome_floats(sp)
+    for method in ("ties", "task_arithmetic", "dare_ties"):
+        recipe = sp.to_recipe({**genome, "method": method})
+        assert recipe.merge_method == method
+        for m in recipe.models:
+            # task arithmetic has no density: only the parameters each method knows are passed
+            assert ("density" in m.parameters) == (method != "task_arithmetic")
+    with pytest.raises(ValidationError, match="two or more"):
+        SearchSpaceConfig(params=params, methods=("ties",))
+    with pytest.raises(ValidationError, match="no per-model parameter 'epsilon'"):
+        SearchSpaceConfig(params=(ParamRange(name="epsilon", low=0.0, high=0.1),), methods=("ties", "linear"))
+    # a study samples the categorical and the floats together
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {sp.to_recipe(study.ask(dists).params).merge_method for _ in range(30)}
+    assert seen == {"ties", "task_arithmetic", "dare_ties"}
+
+
+def distinct_genome_floats(sp: SearchSpace) -> dict[str, float]:
+    rng = random.Random(1)
+    return {
+        name: round(rng.uniform(d.low, d.high), 4)
+        for name, d in sp.distributions().items()
+        if isinstance(d, FloatDistribution)
+    }
+
+
+def test_seed_recipes_uniform_and_each_expert() -> None:
+    sp = space(4, granularity="layer")
+    uniform, *experts = sp.seed_genomes(["uniform", "experts"])
+    assert len(experts) == 3
+    for name, value in uniform.items():
+        assert value == pytest.approx(1 / 3 if ".weight." in name else 1.0)
+    for i, genome in enumerate(experts):
+        recipe = sp.to_recipe(genome)
+        for j, m in enumerate(recipe.models):
+            assert m.parameters["weight"] == (1.0 if i == j else 0.0)
+            assert m.parameters["density"] == 1.0
+    clipped = space(2, params=(ParamRange(name="weight", low=0.2, high=0.8),), method="task_arithmetic")
+    assert set(clipped.seed_genomes(["experts"])[0].values()) == {0.8, 0.2}  # clipped into the bounds
+    with pytest.raises(ConfigError, match="unknown kind 'best'"):
+        sp.seed_genomes(["best"])
+
+
+def test_every_experiment_config_loads() -> None:
+    from pathlib import Path
+
+    from evomerge.optimizer import load_sweep_config
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    configs = sorted(root.glob("*.yaml"))
+    assert configs
+    for path in configs:
+        if "fusion" in path.read_text().split("\n", 1)[0]:
+            continue
+        cfg = load_sweep_config(path)
+        assert cfg.study_name

@@ -2,7 +2,7 @@
 
 Crash recovery. Each trial records its ``owner`` (host, pid and the process start time) when it is
 asked, and RDB storages get heartbeats for running trials. A RUNNING trial is stale when its owner is a
-process of this host that no longer exists, when it has no owner and started over a minute ago, or
+process of this host that no longer exists, when it has no owner and started over 15 s ago, or
 (any host) when its heartbeat is older than the grace period. Stale trials are failed with an ``error``
 and their parameters enqueued again, so the candidate a crash interrupted is evaluated first.
 """
@@ -26,6 +26,9 @@ from evomerge.optimizer.config import SamplerConfig, SweepConfig
 
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120
+NO_OWNER_GRACE_S = 15
+"""A RUNNING trial without an owner is a process killed between asking it and recording itself (a
+single storage write apart): stale once it is this old."""
 RECOVERY_INTERVAL_S = 30.0
 """How often a running sweep looks for stale trials of other (dead) processes sharing its study."""
 
@@ -179,7 +182,7 @@ def recover_stale_trials(study: optuna.Study, *, requeue: bool = True) -> list[i
             stale = True
         elif owner is None:
             started = t.datetime_start or now
-            stale = now - started > timedelta(seconds=60)
+            stale = now - started > timedelta(seconds=NO_OWNER_GRACE_S)
         else:
             stale = owner_alive(str(owner)) is False
         if not stale:
