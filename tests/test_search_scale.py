@@ -145,10 +145,11 @@ def test_a_worker_killed_mid_trial_is_replaced_and_the_sweep_goes_on(
     if retries:
         assert victim.state == TrialState.COMPLETE and victim.user_attrs["worker_restarts"] == 1
         assert trials_in(study, TrialState.FAIL) == []
-    else:
+    else:  # the running trial fails, and so does any candidate queued behind it on that worker
         assert victim.state == TrialState.FAIL
-        assert victim.user_attrs["error"].startswith("worker died")
-        assert [t.number for t in trials_in(study, TrialState.FAIL)] == [victim.number]
+        failed = trials_in(study, TrialState.FAIL)
+        assert victim.number in [t.number for t in failed] and len(failed) <= 2
+        assert all(t.user_attrs["error"].startswith("worker died") for t in failed)
 
 
 # ------------------------------------------------------------------------------------------ kill + resume

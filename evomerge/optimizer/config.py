@@ -83,6 +83,9 @@ class ExecutorConfig(BaseModel):
     num_cpus: float = Field(default=1.0, ge=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)
     retries: int = Field(default=1, ge=0)
+    prefetch: int = Field(default=1, ge=0)
+    """Ray only: candidates queued on each worker behind the running one, so it starts the next at once
+    instead of waiting for the driver to record the result and ask the sampler (not with fidelity)."""
     address: str | None = None
     """Ray only: ``auto`` joins a running cluster; None starts a local Ray."""
 

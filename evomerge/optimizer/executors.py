@@ -62,6 +62,8 @@ class WorkerDied:
 
     trial: int
     message: str
+    generation: int = 0
+    """Which incarnation of the worker died (steps queued on it all report the same one)."""
 
 
 def _one_line(err: BaseException) -> str:
@@ -144,7 +146,7 @@ class Executor(Protocol):
 
     def wait(self) -> tuple[int, StepResult | WorkerDied]: ...
 
-    def replace(self, worker: int) -> None: ...
+    def replace(self, worker: int, generation: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -172,7 +174,7 @@ class LocalExecutor:
         worker, job = self._queue.popleft()
         return worker, self.worker.run_step(job)
 
-    def replace(self, worker: int) -> None:  # pragma: no cover - a local worker cannot die alone
+    def replace(self, worker: int, generation: int) -> None:  # pragma: no cover - cannot die alone
         raise RuntimeError("the local worker cannot be replaced")
 
     def close(self) -> None:
@@ -221,7 +223,8 @@ class RayExecutor:
         self._actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_RayTrialWorker)
         self._threads = max(1, int(num_cpus))
         self._actors: list[Any] = [self._start() for _ in range(num_workers)]
-        self._pending: dict[Any, tuple[int, int]] = {}  # ObjectRef -> (worker, trial)
+        self._pending: dict[Any, tuple[int, int, int]] = {}  # ObjectRef -> (worker, trial, generation)
+        self._generation = [0] * num_workers
         # wait until every actor has loaded its models, so start-up is not counted as idle time
         self._pids = [int(p) for p in ray.get([a.pid.remote() for a in self._actors])]
 
@@ -233,22 +236,24 @@ class RayExecutor:
 
     def submit(self, worker: int, job: StepJob) -> None:
         ref = self._actors[worker].run_step.remote(job)
-        self._pending[ref] = (worker, job.trial)
+        self._pending[ref] = (worker, job.trial, self._generation[worker])
 
     def wait(self) -> tuple[int, StepResult | WorkerDied]:
         ray = self._ray
         ready, _ = ray.wait(list(self._pending), num_returns=1)
         ref = ready[0]
-        worker, trial = self._pending.pop(ref)
+        worker, trial, generation = self._pending.pop(ref)
         try:
             result: StepResult = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
-            return worker, WorkerDied(trial, _one_line(err))
-        except ray.exceptions.RayError as err:
-            return worker, WorkerDied(trial, _one_line(err))
+        except ray.exceptions.RayError as err:  # the actor died (killed, out of memory, a crash)
+            return worker, WorkerDied(trial, _one_line(err), generation)
         return worker, result
 
-    def replace(self, worker: int) -> None:
+    def replace(self, worker: int, generation: int) -> None:
+        """Start a new actor for ``worker`` unless the dead ``generation`` was already replaced."""
+        if generation != self._generation[worker]:
+            return
+        self._generation[worker] += 1
         old = self._actors[worker]
         with contextlib.suppress(Exception):  # already gone
             self._ray.kill(old, no_restart=True)

@@ -244,6 +244,8 @@ class _Active:
     recipe: dict[str, Any]
     rung: int  # index into the rungs; len(rungs) is the full dev set
     attempts: int = 0
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
 
 
 class _Driver:
@@ -266,7 +268,11 @@ class _Driver:
         self.max_failures = max_consecutive_failures
         self.distributions = space.distributions()
         self.rungs: tuple[int, ...] = self.config.fidelity.rungs if self.config.fidelity else ()
-        self.active: dict[int, _Active] = {}
+        self.slots: dict[int, list[_Active]] = {w: [] for w in range(executor.num_workers)}
+        # candidates per worker: the running one, plus `prefetch` queued behind it so the worker never
+        # waits for the driver's tell/ask (not with fidelity rungs: a trial's steps stay together)
+        prefetch = sweep.config.executor.prefetch if not self.rungs else 0
+        self.depth = 1 + (prefetch if sweep.config.executor.kind == "ray" else 0)
         self.owner = owner_id()
         self.failures = 0
         self.done = count_trials(study, TrialState.COMPLETE)
@@ -274,7 +280,7 @@ class _Driver:
         self.spans: dict[int, list[tuple[float, float]]] = {}  # worker pid -> step (start, end)
         self.finished = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
         self.last_recovery = time.monotonic()
-        self._heartbeat = Heartbeat(study, lambda: [a.trial for a in self.active.values()])
+        self._heartbeat = Heartbeat(study, lambda: [a.trial for a in self._active()])
 
     def stop_heartbeat(self) -> None:
         self._heartbeat.stop()
@@ -295,15 +301,18 @@ class _Driver:
             self._finish(trial, "FAIL", error=_one_line(err))
             return
         trial.set_user_attr("recipe", recipe)
-        self.active[worker] = _Active(trial, recipe, 0)
-        self._submit(worker)
+        a = _Active(trial, recipe, 0)
+        self.slots[worker].append(a)
+        self._submit(worker, a)
 
-    def _submit(self, worker: int) -> None:
-        a = self.active[worker]
+    def _submit(self, worker: int, a: _Active) -> None:
         questions = self.rungs[a.rung] if a.rung < len(self.rungs) else None
         if a.rung == 0:
             a.trial.set_user_attr("worker_pid", self.executor.pid_of(worker))
         self.executor.submit(worker, StepJob(a.trial.number, a.recipe, questions))
+
+    def _active(self) -> list[_Active]:
+        return [a for queue in self.slots.values() for a in queue]
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -311,10 +320,12 @@ class _Driver:
             if time.monotonic() - self.last_recovery > RECOVERY_INTERVAL_S:
                 self.last_recovery = time.monotonic()
                 recover_stale_trials(self.study)
-            for worker in range(self.executor.num_workers):
-                if worker not in self.active and self._budget_left():
-                    self._ask(worker)
-            if not self.active:
+            # keep every worker busy, and with prefetch a next candidate queued behind its current one
+            for depth in range(1, self.depth + 1):
+                for worker in range(self.executor.num_workers):
+                    if len(self.slots[worker]) < depth and self._budget_left():
+                        self._ask(worker)
+            if not self._active():
                 if count_trials(self.study, TrialState.COMPLETE) >= self.config.n_trials:
                     return
                 if count_trials(self.study, TrialState.RUNNING) == 0:
@@ -325,51 +336,56 @@ class _Driver:
             worker, result = self.executor.wait()
             self._handle(worker, result)
 
+    def _take(self, worker: int, trial: int) -> _Active:
+        queue = self.slots[worker]
+        for i, a in enumerate(queue):
+            if a.trial.number == trial:
+                return queue.pop(i)
+        raise RuntimeError(f"no active trial {trial} on worker {worker}")  # pragma: no cover
+
     def _handle(self, worker: int, result: StepResult | WorkerDied) -> None:
-        a = self.active[worker]
+        a = self._take(worker, result.trial)
         if isinstance(result, WorkerDied):
-            self.executor.replace(worker)
-            retries = self.config.executor.retries
-            if a.attempts < retries:
+            self.executor.replace(worker, result.generation)
+            if a.attempts < self.config.executor.retries:
                 a.attempts += 1
                 a.rung = 0
                 a.trial.set_user_attr("worker_restarts", a.attempts)
-                self._submit(worker)
+                self.slots[worker].append(a)
+                self._submit(worker, a)
                 return
-            del self.active[worker]
             self._finish(a.trial, "FAIL", error=f"worker died: {result.message}")
             return
         self.spans.setdefault(result.worker_pid, []).append((result.started, result.finished))
         if result.error is not None:
-            del self.active[worker]
             self._finish(a.trial, "FAIL", error=result.error)
             if result.user_error:  # a bad config (missing task data, unreadable model) stops the sweep
                 raise ConfigError(result.error.split(": ", 1)[-1])
             return
         assert result.mean is not None
-        a.trial.set_user_attr(
-            "merge_seconds",
-            round(float(a.trial.user_attrs.get("merge_seconds", 0.0)) + result.merge_seconds, 4),
-        )
-        a.trial.set_user_attr(
-            "eval_seconds", round(float(a.trial.user_attrs.get("eval_seconds", 0.0)) + result.eval_seconds, 4)
-        )
+        a.merge_seconds += result.merge_seconds
+        a.eval_seconds += result.eval_seconds
         if a.rung < len(self.rungs):
             rung = self.rungs[a.rung]
             a.trial.report(result.mean, step=rung)
             a.trial.set_user_attr(f"rung_{rung}", result.scores)
             if a.trial.should_prune():
                 a.trial.set_user_attr("pruned_at", rung)
-                del self.active[worker]
+                self._timings(a)
                 self._finish(a.trial, "PRUNED", mean=result.mean, scores=result.scores)
                 return
             a.rung += 1
-            self._submit(worker)
+            self.slots[worker].insert(0, a)  # the worker holds its weights: it goes on with it
+            self._submit(worker, a)
             return
-        del self.active[worker]
+        self._timings(a)
         a.trial.set_user_attr("scores", result.scores)
         a.trial.set_user_attr("mean", result.mean)
         self._finish(a.trial, "COMPLETE", mean=result.mean, scores=result.scores)
+
+    def _timings(self, a: _Active) -> None:
+        a.trial.set_user_attr("merge_seconds", round(a.merge_seconds, 4))
+        a.trial.set_user_attr("eval_seconds", round(a.eval_seconds, 4))
 
     def _finish(
         self,
