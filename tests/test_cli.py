@@ -3,6 +3,7 @@ output) and the happy paths of merge, eval, search, export and zoo build."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -404,10 +405,29 @@ def test_search_then_export(home: Zoo, tmp_path: Path, capsys: pytest.CaptureFix
     assert f"| searched (trial {best.number}) |" in report
     assert "Held-out test split" in out
 
+    for name in ("history.png", "pareto.png", "heatmap.png"):  # the plots, linked from report.md
+        assert (run_dir / name).stat().st_size > 10_000 and f"]({name})" in report
+
     exported = tmp_path / "exported.yaml"
     assert run(["export", run_dir, "-o", exported]) == 0
-    assert f"trial {best.number}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"trial {best.number}" in out
     assert MergeRecipe.from_yaml(exported) == recipe
+    # export scores the recipe on the held-out test split, next to the base
+    results = json.loads((run_dir / "results.json").read_text())
+    searched_test = next(r for r in results["test"] if r["name"].startswith("searched"))
+    assert "Held-out test split" in out and f"{searched_test['mean']:.3f}" in out
+
+    # `evomerge report` rewrites the report of a finished run (no search)
+    for name in ("report.md", "history.png", "pareto.png", "heatmap.png"):
+        (run_dir / name).unlink()
+    assert run(["report", run_dir]) == 0
+    assert f"{searched_test['mean']:.3f}" in capsys.readouterr().out
+    for name in ("report.md", "history.png", "pareto.png", "heatmap.png"):
+        assert (run_dir / name).exists(), name
+    assert len(study.get_trials()) == len(
+        optuna.load_study(study_name="cli-sweep", storage=f"sqlite:///{run_dir / 'study.db'}").get_trials()
+    )
 
     capsys.readouterr()
     assert run(["export", run_dir, "-o", exported]) == 2
