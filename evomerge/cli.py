@@ -382,6 +382,54 @@ def report(
 
 
 @app.command()
+def fuse(
+    pivot: Annotated[Path, typer.Option(help="The pivot model directory (e.g. a run's best_model).")],
+    source: Annotated[list[Path], typer.Option(help="A source model directory (repeat for several).")],
+    data: Annotated[Path, typer.Option(help="Instruction-response JSONL to distil on.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (cache/, unified/, ...).")],
+    config: Annotated[
+        Path | None, typer.Option(help="A YAML with the fusion settings (a sweep's fusion: section).")
+    ] = None,
+    fusion: Annotated[str | None, typer.Option(help="min_ce, avg_ce or entropy.")] = None,
+    loss: Annotated[str | None, typer.Option(help="kl, ce or uld.")] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option(help="unified and/or pairwise (repeat for both).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Distillation epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    lora: Annotated[bool, typer.Option(help="Train LoRA adapters (merged into the output).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+) -> None:
+    """Distil heterogeneous source models (other architectures / tokenizers) into the pivot."""
+    from evomerge.config_util import load_yaml, validate_model
+    from evomerge.fusion.pipeline import FusionConfig, run_fusion
+
+    settings: dict[str, Any] = {}
+    if config is not None:
+        loaded = load_yaml(config)
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config}: a fusion config must be a YAML mapping")
+        settings = dict(loaded.get("fusion", loaded))
+    settings["sources"] = [str(s.resolve()) for s in source]
+    settings["data"] = str(data.resolve())
+    if fusion is not None:
+        settings["fusion"] = fusion
+    if variant:
+        settings["variants"] = list(variant)
+    train = dict(settings.get("distill") or {})
+    for key, value in (("loss", loss), ("epochs", epochs), ("lr", lr)):
+        if value is not None:
+            train[key] = value
+    if lora:
+        train["lora"] = train.get("lora") or {}
+    settings["distill"] = train
+    cfg = validate_model(FusionConfig, settings, where=str(config or "fuse options"))
+    results = run_fusion(pivot, output, cfg, overwrite=overwrite, say=lambda m: console.print(escape(m)))
+    for name, path in results.items():
+        console.print(f"{name}: {escape(str(path))}")
+
+
+@app.command()
 def dashboard(
     run_dir: Annotated[Path | None, typer.Argument(help="A sweep's run directory.")] = None,
     storage: Annotated[str | None, typer.Option(help="An Optuna storage URL instead of RUN_DIR.")] = None,

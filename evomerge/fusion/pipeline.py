@@ -1,0 +1,214 @@
+"""Heterogeneous fusion end to end: source passes, alignment, fused targets, distillation, pairwise merge.
+
+``run_fusion(pivot, out, config)``:
+
+1. every source model runs once over the instruction-response data (:func:`~evomerge.fusion.cache.
+   source_pass`, cached and resumable under ``OUT/cache/<source>``);
+2. each source's tokens are aligned to the pivot's tokens of the same text (:func:`~evomerge.fusion.
+   align.align`), and the source's top-k ids are mapped into the pivot vocabulary (:class:`~evomerge.
+   fusion.align.VocabMap`: exact, min_ed or corpus statistics); at each pivot response position aligned
+   1-to-1 with a source token of the same string, that source's distribution is the source's target;
+3. the sources' targets are fused per sequence (``min_ce``, ``avg_ce``, ``entropy``);
+4. ``unified``: the pivot is distilled on the fused targets into ``OUT/unified``; ``pairwise``: each
+   source is distilled into its own copy of the pivot (``OUT/pairwise-<source>``), and the copies are
+   weight-merged onto the pivot with SCE or RSAF into ``OUT/pairwise`` (the homogeneous merge engine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.errors import ConfigError
+from evomerge.fusion.distill import DistillConfig, TrainExample, distill
+
+Variant = Literal["unified", "pairwise"]
+Say = Callable[[str], None]
+
+
+class FusionConfig(BaseModel):
+    """The ``fusion:`` section of a sweep, or ``evomerge fuse``'s options."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sources: tuple[str, ...] = Field(min_length=1)
+    data: str
+    """Instruction-response JSONL (``instruction``/``response`` or ``messages``) to distil on."""
+    fusion: Literal["min_ce", "avg_ce", "entropy"] = "min_ce"
+    vocab_map: Literal["exact", "min_ed", "stats"] = "min_ed"
+    variants: tuple[Variant, ...] = ("unified",)
+    pairwise_method: Literal["sce", "rsaf"] = "sce"
+    top_k: int = Field(default=10, ge=1)
+    max_len: int = Field(default=256, ge=8)
+    source_batch_size: int = Field(default=8, ge=1)
+    template: str | None = None
+    chat: bool = False
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+def _name(path: str) -> str:
+    return Path(path).resolve().name or "source"
+
+
+def _load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the tokenizer of {path}: {str(err).splitlines()[0]}") from None
+
+
+def build_examples(
+    pivot_tokenizer: Any,
+    pairs: Sequence[Any],
+    sources: Sequence[tuple[Any, Any, Any]],
+    config: FusionConfig,
+) -> list[TrainExample]:
+    """Fused training examples in the pivot's tokenization. ``sources``: (SourceCache, source tokenizer,
+    VocabMap) per source."""
+    from evomerge.fusion.align import align, token_strings
+    from evomerge.fusion.data import encode, render
+    from evomerge.fusion.fuse import SourceTargets, get_fusion
+
+    fuse = get_fusion(config.fusion)
+    examples: list[TrainExample] = []
+    for pair in pairs:
+        enc = encode(
+            render(pair, pivot_tokenizer, template=config.template, chat=config.chat),
+            pivot_tokenizer,
+            config.max_len,
+        )
+        labels = list(enc.labels)
+        if all(label == -100 for label in labels):
+            continue  # truncated away: no response token to learn from
+        pivot_strings = token_strings(pivot_tokenizer, list(enc.input_ids))
+        n = len(enc.input_ids)
+        targets: list[SourceTargets] = []
+        for cache, tokenizer, vocab in sources:
+            seq = cache[cache.index(pair.id)]
+            src_strings = token_strings(tokenizer, [int(i) for i in seq.input_ids])
+            alignment = align(src_strings, pivot_strings)
+            k = int(seq.topk_ids.shape[1])
+            ids = torch.full((n, k), -1, dtype=torch.long)
+            logprobs = torch.full((n, k), -math.inf)
+            valid = torch.zeros(n, dtype=torch.bool)
+            for t, s in alignment.one_to_one.items():
+                if t < 1 or s < 1 or labels[t] == -100 or s >= len(seq.input_ids):
+                    continue  # row 0 predicts nothing; only response positions are distilled
+                ids[t] = vocab.map_topk(seq.topk_ids[s].long())
+                logprobs[t] = seq.topk_logprobs[s].float()
+                valid[t] = bool((ids[t] >= 0).any())
+            ce = float(seq.ce)
+            targets.append(SourceTargets(ids, logprobs, valid, ce if math.isfinite(ce) else math.inf))
+        fused = fuse(targets)
+        examples.append(TrainExample(list(enc.input_ids), labels, fused.ids, fused.probs, fused.valid))
+    return examples
+
+
+def target_coverage(examples: Sequence[TrainExample]) -> float:
+    """The share of response tokens (after the first position) that have a teacher target."""
+    response = sum(sum(1 for label in e.labels[1:] if label != -100) for e in examples)
+    covered = sum(
+        int(sum(1 for t in range(1, len(e.labels)) if e.labels[t] != -100 and bool(e.target_valid[t])))
+        for e in examples
+    )
+    return covered / response if response else 0.0
+
+
+def run_fusion(
+    pivot: str | Path,
+    out_dir: str | Path,
+    config: FusionConfig,
+    *,
+    data_dir: str | Path = ".",
+    overwrite: bool = False,
+    say: Say | None = None,
+) -> dict[str, Path]:
+    """Run the fusion stage; returns ``variant -> model directory`` (plus ``pairwise-<source>`` copies)."""
+    from evomerge.fusion.align import VocabMap
+    from evomerge.fusion.cache import source_pass
+    from evomerge.fusion.data import load_pairs
+
+    out = Path(out_dir)
+    root = Path(data_dir)
+    log = say or (lambda _msg: None)
+    pairs = load_pairs(root / config.data)
+    pivot_tok = _load_tokenizer(pivot)
+    sources: list[tuple[str, Any, Any, Any]] = []
+    for src in config.sources:
+        path = root / src
+        name = _name(str(path))
+        log(f"source pass: {name} over {len(pairs)} sequences")
+        cache = source_pass(
+            path,
+            pairs,
+            out / "cache" / name,
+            top_k=config.top_k,
+            batch_size=config.source_batch_size,
+            max_len=config.max_len,
+            template=config.template,
+            chat=config.chat,
+        )
+        tokenizer = _load_tokenizer(path)
+        if config.vocab_map == "stats":
+            texts = [p.instruction + "\n" + p.response for p in pairs]
+            vocab = VocabMap.from_corpus(tokenizer, pivot_tok, texts, fallback="min_ed")
+        else:
+            vocab = VocabMap.build(tokenizer, pivot_tok, config.vocab_map)
+        sources.append((name, cache, tokenizer, vocab))
+
+    results: dict[str, Path] = {}
+    if "unified" in config.variants:
+        examples = build_examples(pivot_tok, pairs, [s[1:] for s in sources], config)
+        log(
+            f"unified distillation: {len(examples)} sequences, {config.fusion}, {config.distill.loss}, "
+            f"{100 * target_coverage(examples):.0f}% of response tokens with a fused target"
+        )
+        results["unified"] = distill(pivot, examples, out / "unified", config.distill, overwrite=overwrite)
+    if "pairwise" in config.variants:
+        copies: list[Path] = []
+        single = config.model_copy(update={"fusion": "min_ce"})
+        for name, cache, tokenizer, vocab in sources:
+            examples = build_examples(pivot_tok, pairs, [(cache, tokenizer, vocab)], single)
+            log(
+                f"pairwise distillation: {name}, {len(examples)} sequences, "
+                f"{100 * target_coverage(examples):.0f}% of response tokens with a target"
+            )
+            copy = distill(pivot, examples, out / f"pairwise-{name}", config.distill, overwrite=overwrite)
+            results[f"pairwise-{name}"] = copy
+            copies.append(copy)
+        results["pairwise"] = merge_copies(pivot, copies, out / "pairwise", config.pairwise_method, overwrite)
+    return results
+
+
+def merge_copies(pivot: str | Path, copies: Sequence[Path], out: Path, method: str, overwrite: bool) -> Path:
+    """Weight-merge the pivot's distilled copies onto the pivot (the homogeneous merge engine)."""
+    from evomerge.merging import MergeRecipe, merge_streaming
+
+    if len(copies) == 1:  # nothing to merge: the one copy is the result
+        models: list[dict[str, Any]] = [{"model": str(copies[0]), "parameters": {"weight": 1.0}}]
+        recipe = MergeRecipe.model_validate(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(pivot),
+                "models": models,
+                "dtype": "float32",
+            }
+        )
+    else:
+        params: dict[str, Any] = {} if method == "sce" else {"weight": 1.0, "density": 0.7}
+        recipe = MergeRecipe.model_validate(
+            {
+                "merge_method": method,
+                "base_model": str(pivot),
+                "models": [{"model": str(c), "parameters": params} for c in copies],
+                "dtype": "float32",
+            }
+        )
+    return Path(merge_streaming(recipe, out, overwrite=overwrite))
