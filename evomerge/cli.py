@@ -274,6 +274,77 @@ def search(
     console.print(_rows_table("Held-out test split", tasks, [(r.name, r.scores, r.mean) for r in final.test]))
     for key, path in final.paths.items():
         console.print(f"{key}: {escape(str(path))}")
+    if cfg.fusion is not None:
+        _fusion_stage(cfg, sweep, Path(final.paths.get("best_model", "")), config)
+
+
+def _fusion_stage(cfg: Any, sweep: Any, pivot: Path, config_path: Path) -> None:
+    """The sweep's ``fusion:`` stage: distil the sources into the best model, score on the test split.
+
+    In a zoo sweep, ``zoo:hetero`` names the zoo's heterogeneous expert (built if needed) as a source or,
+    as ``data``, its fusion training data, and ``zoo:<family>`` one of the zoo's experts; the hetero
+    expert's own task is then scored too.
+    """
+    import json
+
+    from evomerge.config_util import validate_model
+    from evomerge.fusion.pipeline import FusionConfig, run_fusion, score_models
+    from evomerge.optimizer.export import write_text_atomic
+
+    if not cfg.materialize_best or not pivot.is_dir():
+        raise ConfigError("fusion: needs the best model materialized (materialize_best: true)")
+    raw = dict(cfg.fusion)
+    extra_tasks: list[Any] = []
+    specs = [*raw.get("sources", []), raw.get("data", "")]
+    if any(isinstance(x, str) and x.startswith("zoo:") for x in specs):
+        if cfg.zoo is None:
+            raise ConfigError("fusion: 'zoo:' sources and data need a zoo sweep")
+        from evomerge.zoo import build_zoo
+        from evomerge.zoo.hetero import build_hetero
+
+        zoo = build_zoo(cfg.zoo)
+
+        def resolve(spec: str, what: str) -> str:
+            if spec == "zoo:hetero":
+                hetero = build_hetero(zoo)
+                if what == "source" and not extra_tasks:
+                    extra_tasks.extend(hetero.tasks)
+                return hetero.model if what == "source" else hetero.fusion_files["train"]
+            if spec.startswith("zoo:") and spec[4:] in zoo.experts and what == "source":
+                return zoo.experts[spec[4:]]
+            raise ConfigError(f"fusion: unknown {what} {spec!r} (zoo:hetero or zoo:<family>)")
+
+        raw["sources"] = [resolve(x, "source") if x.startswith("zoo:") else x for x in raw.get("sources", [])]
+        if str(raw.get("data", "")).startswith("zoo:"):
+            raw["data"] = resolve(raw["data"], "data")
+    fusion_cfg = validate_model(FusionConfig, raw, where=f"{config_path}: fusion")
+    run_dir = cfg.run_dir()
+    results = run_fusion(
+        pivot,
+        run_dir / "fusion",
+        fusion_cfg,
+        data_dir=cfg.data_dir or ".",
+        overwrite=True,
+        say=lambda m: console.print(escape(m)),
+    )
+    tasks = [*sweep.tasks, *extra_tasks, *fusion_cfg.tasks]
+    models: list[tuple[str, str | Path]] = [("pivot (best merge)", pivot)]
+    models += [(name, path) for name, path in results.items()]
+    models += [(f"source {Path(s).name}", Path(cfg.data_dir or ".") / s) for s in fusion_cfg.sources]
+    with progress_bar("fusion: test split") as update:
+        update("scoring", 0, len(models))
+        rows = score_models(models, tasks, sweep.data_dir)
+        update("scoring", len(models), len(models))
+    names = [t.name for t in tasks]
+    console.print(_rows_table("Fusion: held-out test split", names, rows))
+    lines = ["# Fusion stage: held-out test split", "", "| model | " + " | ".join(names) + " | mean |"]
+    lines.append("|" + "---|" * (len(names) + 2))
+    lines += [f"| {n} | " + " | ".join(f"{sc[t]:.3f}" for t in names) + f" | {m:.3f} |" for n, sc, m in rows]
+    write_text_atomic(run_dir / "fusion.md", "\n".join(lines) + "\n")
+    write_text_atomic(
+        run_dir / "fusion.json",
+        json.dumps({"models": {n: str(p) for n, p in models}, "test": rows}, indent=2),
+    )
 
 
 def _rows_table(

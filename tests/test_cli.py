@@ -481,3 +481,44 @@ def test_zoo_build_reports_the_cached_zoo(
     out = capsys.readouterr().out
     assert "cached" in out
     assert Path(home.root).name in out.replace("\n", "")
+
+
+def test_search_with_a_fusion_stage(home: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The sweep's fusion: section distils the zoo's heterogeneous expert into the best model."""
+    runs = tmp_path / "runs"
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "study_name": "cli-fusion",
+                "zoo": "micro",
+                "runs_dir": str(runs),
+                "n_trials": 2,
+                "sampler": {"name": "random", "seed": 0},
+                "search_space": {
+                    "method": "task_arithmetic",
+                    "params": [{"name": "weight", "low": 0, "high": 1}],
+                    "granularity": "global",
+                },
+                "fusion": {
+                    "sources": ["zoo:hetero"],
+                    "data": "zoo:hetero",
+                    "max_pairs": 64,
+                    "template": "Q: {instruction}\nA:",
+                    "response_format": " {response}\n",
+                    "distill": {"epochs": 1, "batch_size": 16},
+                },
+            }
+        )
+    )
+    assert run(["search", cfg]) == 0
+    out = capsys.readouterr().out
+    run_dir = runs / "cli-fusion"
+    assert "Fusion: held-out test split" in out
+    result = json.loads((run_dir / "fusion.json").read_text())
+    rows = {name: scores for name, scores, _ in result["test"]}
+    assert set(rows) >= {"pivot (best merge)", "unified"}
+    source_row = next(name for name in rows if name.startswith("source"))
+    assert rows[source_row]["sort"] >= 0.9 and rows["pivot (best merge)"]["sort"] <= 0.1  # the source's task
+    assert set(rows["unified"]) == {"arith", "code", "logic", "sort"}
+    assert (run_dir / "fusion" / "unified" / "config.json").exists() and (run_dir / "fusion.md").exists()

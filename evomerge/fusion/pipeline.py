@@ -16,15 +16,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import ConfigError
+from evomerge.evaluators import TaskConfig
 from evomerge.fusion.distill import DistillConfig, TrainExample, distill
 
 Variant = Literal["unified", "pairwise"]
@@ -47,8 +49,23 @@ class FusionConfig(BaseModel):
     max_len: int = Field(default=256, ge=8)
     source_batch_size: int = Field(default=8, ge=1)
     template: str | None = None
+    """Plain prompt template with ``{instruction}`` (default ``"{instruction}\n"``); or ``chat: true``."""
+    response_format: str = "{response}"
+    """How the response follows the prompt, e.g. ``" {response}\n"`` to end answers with a newline."""
+    max_pairs: int | None = Field(default=None, ge=1)
+    """Distil on the first ``max_pairs`` pairs of ``data`` only."""
     chat: bool = False
     distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @field_validator("response_format")
+    @classmethod
+    def _has_response(cls, value: str) -> str:
+        if "{response}" not in value:
+            raise ValueError("must contain {response}")
+        return value
+
+    tasks: tuple[TaskConfig, ...] = ()
+    """Extra tasks to score the fused models on (e.g. the sources' own task), next to the sweep's."""
 
 
 def _name(path: str) -> str:
@@ -69,15 +86,19 @@ def build_examples(
     pairs: Sequence[Any],
     sources: Sequence[tuple[Any, Any, Any]],
     config: FusionConfig,
+    coverage: list[float] | None = None,
 ) -> list[TrainExample]:
     """Fused training examples in the pivot's tokenization. ``sources``: (SourceCache, source tokenizer,
-    VocabMap) per source."""
+    VocabMap) per source. ``coverage``, when given, receives each source's share of response tokens
+    with an aligned, mapped distribution."""
     from evomerge.fusion.align import align, token_strings
     from evomerge.fusion.data import encode, render
     from evomerge.fusion.fuse import SourceTargets, get_fusion
 
     fuse = get_fusion(config.fusion)
     examples: list[TrainExample] = []
+    covered = [0] * len(sources)
+    response_tokens = 0
     for pair in pairs:
         enc = encode(
             render(pair, pivot_tokenizer, template=config.template, chat=config.chat),
@@ -89,11 +110,12 @@ def build_examples(
             continue  # truncated away: no response token to learn from
         pivot_strings = token_strings(pivot_tokenizer, list(enc.input_ids))
         n = len(enc.input_ids)
+        response_tokens += sum(1 for label in labels[1:] if label != -100)
         targets: list[SourceTargets] = []
-        for cache, tokenizer, vocab in sources:
+        for j, (cache, tokenizer, vocab) in enumerate(sources):
             seq = cache[cache.index(pair.id)]
             src_strings = token_strings(tokenizer, [int(i) for i in seq.input_ids])
-            alignment = align(src_strings, pivot_strings)
+            alignment = align(src_strings, pivot_strings, method="auto")  # exact spans when texts match
             k = int(seq.topk_ids.shape[1])
             ids = torch.full((n, k), -1, dtype=torch.long)
             logprobs = torch.full((n, k), -math.inf)
@@ -104,10 +126,13 @@ def build_examples(
                 ids[t] = vocab.map_topk(seq.topk_ids[s].long())
                 logprobs[t] = seq.topk_logprobs[s].float()
                 valid[t] = bool((ids[t] >= 0).any())
+            covered[j] += int(valid.sum())
             ce = float(seq.ce)
             targets.append(SourceTargets(ids, logprobs, valid, ce if math.isfinite(ce) else math.inf))
         fused = fuse(targets)
         examples.append(TrainExample(list(enc.input_ids), labels, fused.ids, fused.probs, fused.valid))
+    if coverage is not None:
+        coverage[:] = [c / response_tokens if response_tokens else 0.0 for c in covered]
     return examples
 
 
@@ -138,7 +163,11 @@ def run_fusion(
     out = Path(out_dir)
     root = Path(data_dir)
     log = say or (lambda _msg: None)
-    pairs = load_pairs(root / config.data)
+    pairs = load_pairs(root / config.data)[: config.max_pairs]
+    pairs = [
+        dataclasses.replace(p, response=config.response_format.replace("{response}", p.response))
+        for p in pairs
+    ]
     pivot_tok = _load_tokenizer(pivot)
     sources: list[tuple[str, Any, Any, Any]] = []
     for src in config.sources:
@@ -164,8 +193,16 @@ def run_fusion(
         sources.append((name, cache, tokenizer, vocab))
 
     results: dict[str, Path] = {}
+    coverage: list[float] = []
+    examples = build_examples(pivot_tok, pairs, [s[1:] for s in sources], config, coverage)
+    for (name, *_), share in zip(sources, coverage, strict=True):
+        log(f"source {name}: {100 * share:.0f}% of the pivot's response tokens aligned and mapped")
+        if share == 0.0:
+            raise ConfigError(
+                f"source {name} shares no aligned token with the pivot on this data (no common strings "
+                "between the two tokenizations): nothing to distil"
+            )
     if "unified" in config.variants:
-        examples = build_examples(pivot_tok, pairs, [s[1:] for s in sources], config)
         log(
             f"unified distillation: {len(examples)} sequences, {config.fusion}, {config.distill.loss}, "
             f"{100 * target_coverage(examples):.0f}% of response tokens with a fused target"
@@ -212,3 +249,22 @@ def merge_copies(pivot: str | Path, copies: Sequence[Path], out: Path, method: s
             }
         )
     return Path(merge_streaming(recipe, out, overwrite=overwrite))
+
+
+def score_models(
+    models: Sequence[tuple[str, str | Path]],
+    tasks: Sequence[TaskConfig],
+    data_dir: str | Path,
+    *,
+    split: Literal["dev", "test"] = "test",
+    batch_size: int = 64,
+) -> list[tuple[str, dict[str, float], float]]:
+    """(name, per-task scores, mean) of each model directory on ``split`` (any architecture/tokenizer)."""
+    from evomerge.evaluators import HFBackend, evaluate
+
+    rows: list[tuple[str, dict[str, float], float]] = []
+    for name, path in models:
+        backend = HFBackend.from_pretrained(path, batch_size=batch_size)
+        result = evaluate(backend, tasks, split, data_dir)  # type: ignore[arg-type]
+        rows.append((name, dict(result.scores), float(result.mean)))
+    return rows

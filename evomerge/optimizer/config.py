@@ -123,6 +123,10 @@ class SweepConfig(BaseModel):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     fidelity: FidelityConfig | None = None
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    # The heterogeneous fusion stage after the search (evomerge.fusion.FusionConfig, validated by the CLI
+    # that runs it: the optimizer does not depend on fusion): distils other-architecture sources into
+    # the materialized best model.
+    fusion: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
