@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--loss", default="kl")
+    ap.add_argument("--lam", type=float, default=0.9)
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     ap.add_argument("--fusions", default="min_ce,avg_ce,entropy")
     ap.add_argument("--work-dir", type=Path, default=None)
     args = ap.parse_args()
@@ -61,6 +63,14 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.pairs]))
 
     sources = (hetero.model, zoo.experts["arith"])
+    train: dict[str, object] = {
+        "loss": args.loss,
+        "lam": args.lam,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "batch_size": 16,
+        "lora": {"r": args.lora, "alpha": 2 * args.lora} if args.lora else None,
+    }
     models: list[tuple[str, str | Path]] = [("pivot before fusion", pivot)]
     timings: dict[str, float] = {}
     for i, fusion in enumerate(args.fusions.split(",")):
@@ -72,7 +82,7 @@ def main() -> None:
                 "template": "Q: {instruction}\nA:",
                 "response_format": " {response}\n",
                 "variants": ["unified", "pairwise"] if i == 0 else ["unified"],
-                "distill": {"loss": args.loss, "lr": args.lr, "epochs": args.epochs, "batch_size": 16},
+                "distill": train,
             }
         )
         t0 = time.perf_counter()

@@ -55,6 +55,9 @@ class FusionConfig(BaseModel):
     max_pairs: int | None = Field(default=None, ge=1)
     """Distil on the first ``max_pairs`` pairs of ``data`` only."""
     chat: bool = False
+    split_tokens: bool = True
+    """Also give targets where one source token spans several pivot tokens (prefix-conditioned, see
+    ``_split_targets``); off: only 1-to-1 aligned tokens of equal strings, as in FuseLLM."""
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @field_validator("response_format")
@@ -96,6 +99,7 @@ def build_examples(
     from evomerge.fusion.fuse import SourceTargets, get_fusion
 
     fuse = get_fusion(config.fusion)
+    split_maps = [_SplitMap(tok, pivot_tokenizer) for _, tok, _ in sources] if config.split_tokens else []
     examples: list[TrainExample] = []
     covered = [0] * len(sources)
     response_tokens = 0
@@ -126,6 +130,18 @@ def build_examples(
                 ids[t] = vocab.map_topk(seq.topk_ids[s].long())
                 logprobs[t] = seq.topk_logprobs[s].float()
                 valid[t] = bool((ids[t] >= 0).any())
+            if config.split_tokens:
+                _split_targets(
+                    alignment.pairs,
+                    src_strings,
+                    pivot_strings,
+                    seq,
+                    labels,
+                    split_maps[j],
+                    ids,
+                    logprobs,
+                    valid,
+                )
             covered[j] += int(valid.sum())
             ce = float(seq.ce)
             targets.append(SourceTargets(ids, logprobs, valid, ce if math.isfinite(ce) else math.inf))
@@ -134,6 +150,92 @@ def build_examples(
     if coverage is not None:
         coverage[:] = [c / response_tokens if response_tokens else 0.0 for c in covered]
     return examples
+
+
+class _SplitMap:
+    """Source vocabulary strings and the pivot's string -> id table, for split-token targets."""
+
+    def __init__(self, src_tokenizer: Any, pivot_tokenizer: Any) -> None:
+        from evomerge.fusion.align import vocab_strings
+
+        self.src = vocab_strings(src_tokenizer)
+        self.pivot: dict[str, int] = {}
+        for i, text in enumerate(vocab_strings(pivot_tokenizer)):
+            if text and text not in self.pivot:
+                self.pivot[text] = i
+        self.longest = max((len(t) for t in self.pivot), default=1)
+
+    def first_pivot_token(self, text: str) -> int | None:
+        """The pivot token that is the longest prefix of ``text`` (how a greedy tokenizer starts)."""
+        for length in range(min(len(text), self.longest), 0, -1):
+            token = self.pivot.get(text[:length])
+            if token is not None:
+                return token
+        return None
+
+
+def _split_targets(
+    pairs: Sequence[tuple[int, int]],
+    src_strings: Sequence[str],
+    pivot_strings: Sequence[str],
+    seq: Any,
+    labels: Sequence[int],
+    table: _SplitMap,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    valid: torch.Tensor,
+) -> None:
+    """Targets where one source token spans several pivot tokens (``" e"`` vs ``" "``, ``"e"``).
+
+    For the ``j``-th pivot token of the group, the prefix is what the group's earlier pivot tokens spell.
+    Each of the source's top-k candidates that starts with that prefix (and goes on) votes, with its
+    probability, for the pivot token that begins the rest of its string (the longest pivot token that
+    is a prefix of it); candidates that contradict the prefix are dropped and the rest renormalised by
+    the fusion step. This is the source's distribution over the next pivot token given the text so far,
+    restricted to its top-k.
+    """
+    by_src: dict[int, list[int]] = {}
+    by_pivot: dict[int, list[int]] = {}
+    for s, t in pairs:
+        by_src.setdefault(s, []).append(t)
+        by_pivot.setdefault(t, []).append(s)
+    for s, paired in by_src.items():
+        if s < 1 or s >= len(seq.input_ids) or any(by_pivot.get(t) != [s] for t in paired):
+            continue  # not a clean many-to-1 span
+        group = sorted(paired)
+        # the alignment leaves whitespace-only tokens unpaired: take back those around the span
+        while group[0] - 1 >= 0 and group[0] - 1 not in by_pivot and not pivot_strings[group[0] - 1].strip():
+            if "".join(pivot_strings[t] for t in group) == src_strings[s]:
+                break
+            group.insert(0, group[0] - 1)
+        while "".join(pivot_strings[t] for t in group) != src_strings[s]:
+            nxt = group[-1] + 1
+            if nxt >= len(pivot_strings) or nxt in by_pivot or pivot_strings[nxt].strip():
+                break
+            group.append(nxt)
+        if len(group) < 2 or "".join(pivot_strings[t] for t in group) != src_strings[s]:
+            continue
+        cand_ids = [int(i) for i in seq.topk_ids[s]]
+        cand_lp = [float(x) for x in seq.topk_logprobs[s]]
+        prefix = ""
+        for t in group:
+            if t >= 1 and labels[t] != -100 and not bool(valid[t]):
+                votes: dict[int, float] = {}
+                for cid, lp in zip(cand_ids, cand_lp, strict=True):
+                    text = table.src[cid] if 0 <= cid < len(table.src) else ""
+                    if len(text) > len(prefix) and text.startswith(prefix) and math.isfinite(lp):
+                        pivot_id = table.first_pivot_token(text[len(prefix) :])
+                        if pivot_id is not None:
+                            votes[pivot_id] = votes.get(pivot_id, 0.0) + math.exp(lp)
+                if votes:
+                    top = sorted(votes.items(), key=lambda kv: -kv[1])[: ids.shape[1]]
+                    ids[t] = -1
+                    logprobs[t] = -math.inf
+                    for slot, (pivot_id, prob) in enumerate(top):
+                        ids[t, slot] = pivot_id
+                        logprobs[t, slot] = math.log(prob)
+                    valid[t] = True
+            prefix += pivot_strings[t]
 
 
 def target_coverage(examples: Sequence[TrainExample]) -> float:
