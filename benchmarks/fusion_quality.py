@@ -7,8 +7,9 @@ Usage (numbers in docs/benchmarks.md):
 
 Pivot: uniform task arithmetic (w = 1/3) of the zoo's three experts, materialized (or ``--pivot DIR``,
 e.g. a sweep's ``best_model``). Sources: the heterogeneous expert (GPT-2, SentencePiece-style tokenizer,
-expert on ``sort``, a family the zoo lacks) and the zoo's arith expert (so the fusion functions have two
-sources to weigh). Data: ``--pairs`` instruction-response pairs of the hetero build's fusion train split
+expert on ``sort``, a family the zoo lacks), the pivot itself (as in FuseLLM, so the fusion keeps the
+pivot's own distribution where it is the best model) and the zoo's arith expert. Data: ``--pairs``
+instruction-response pairs of the hetero build's fusion train split
 (all four families). Rows: the pivot before fusion, unified fusion with each fusion function, pairwise
 fusion (each source distilled into its own pivot copy, merged with SCE), and the sources alone; every
 score on the **test** split, greedy exact match.
@@ -62,7 +63,9 @@ def main() -> None:
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.pairs]))
 
-    sources = (hetero.model, zoo.experts["arith"])
+    # FuseLLM's practice: the pivot is one of the distributions fused, so where it is the best model of a
+    # sequence (lowest CE: its own tasks) min_ce keeps it as its own teacher
+    sources = (hetero.model, str(pivot), zoo.experts["arith"])
     train: dict[str, object] = {
         "loss": args.loss,
         "lam": args.lam,
@@ -109,7 +112,7 @@ def main() -> None:
     )
     out = run_fusion(pivot, work / "clm-only", clm, overwrite=True, say=print)
     models.append(("control: gold responses only, no teacher (lambda 1)", out["unified"]))
-    models += [("source: hetero expert (GPT-2)", hetero.model), ("source: zoo arith expert", sources[1])]
+    models += [("source: hetero expert (GPT-2)", hetero.model), ("source: zoo arith expert", sources[2])]
 
     tasks = [*zoo.tasks, *hetero.tasks]
     names = [t.name for t in tasks]

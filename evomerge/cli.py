@@ -294,6 +294,7 @@ def _fusion_stage(cfg: Any, sweep: Any, pivot: Path, config_path: Path) -> None:
     if not cfg.materialize_best or not pivot.is_dir():
         raise ConfigError("fusion: needs the best model materialized (materialize_best: true)")
     raw = dict(cfg.fusion)
+    labels = {str(x): str(x).removeprefix("zoo:") for x in raw.get("sources", [])}
     extra_tasks: list[Any] = []
     specs = [*raw.get("sources", []), raw.get("data", "")]
     if any(isinstance(x, str) and x.startswith("zoo:") for x in specs):
@@ -314,7 +315,10 @@ def _fusion_stage(cfg: Any, sweep: Any, pivot: Path, config_path: Path) -> None:
                 return zoo.experts[spec[4:]]
             raise ConfigError(f"fusion: unknown {what} {spec!r} (zoo:hetero or zoo:<family>)")
 
-        raw["sources"] = [resolve(x, "source") if x.startswith("zoo:") else x for x in raw.get("sources", [])]
+        resolved = {x: resolve(x, "source") for x in raw.get("sources", []) if x.startswith("zoo:")}
+        labels.update({path: labels[spec] for spec, path in resolved.items()})
+        raw["sources"] = [resolved.get(x, x) for x in raw.get("sources", [])]
+        # (the source "pivot" stands for the pivot itself: run_fusion resolves it)
         if str(raw.get("data", "")).startswith("zoo:"):
             raw["data"] = resolve(raw["data"], "data")
     fusion_cfg = validate_model(FusionConfig, raw, where=f"{config_path}: fusion")
@@ -330,7 +334,11 @@ def _fusion_stage(cfg: Any, sweep: Any, pivot: Path, config_path: Path) -> None:
     tasks = [*sweep.tasks, *extra_tasks, *fusion_cfg.tasks]
     models: list[tuple[str, str | Path]] = [("pivot (best merge)", pivot)]
     models += [(name, path) for name, path in results.items()]
-    models += [(f"source {Path(s).name}", Path(cfg.data_dir or ".") / s) for s in fusion_cfg.sources]
+    models += [
+        (f"source {labels.get(s, Path(s).name)}", Path(cfg.data_dir or ".") / s)
+        for s in fusion_cfg.sources
+        if s != "pivot"
+    ]
     with progress_bar("fusion: test split") as update:
         update("scoring", 0, len(models))
         rows = score_models(models, tasks, sweep.data_dir)

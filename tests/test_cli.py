@@ -501,7 +501,7 @@ def test_search_with_a_fusion_stage(home: Zoo, tmp_path: Path, capsys: pytest.Ca
                     "granularity": "global",
                 },
                 "fusion": {
-                    "sources": ["zoo:hetero"],
+                    "sources": ["zoo:hetero", "pivot"],
                     "data": "zoo:hetero",
                     "max_pairs": 64,
                     "template": "Q: {instruction}\nA:",

@@ -39,6 +39,8 @@ class FusionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sources: tuple[str, ...] = Field(min_length=1)
+    """Source model directories; ``pivot`` adds the pivot's own distribution (FuseLLM fuses the target
+    model with the sources, so where the pivot is the best model min_ce keeps its own distribution)."""
     data: str
     """Instruction-response JSONL (``instruction``/``response`` or ``messages``) to distil on."""
     fusion: Literal["min_ce", "avg_ce", "entropy"] = "min_ce"
@@ -273,8 +275,8 @@ def run_fusion(
     pivot_tok = _load_tokenizer(pivot)
     sources: list[tuple[str, Any, Any, Any]] = []
     for src in config.sources:
-        path = root / src
-        name = _name(str(path))
+        path = Path(pivot) if src == "pivot" else root / src
+        name = "pivot" if src == "pivot" else _name(str(path))
         log(f"source pass: {name} over {len(pairs)} sequences")
         cache = source_pass(
             path,
