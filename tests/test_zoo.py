@@ -279,7 +279,8 @@ def test_second_build_reuses_the_cached_zoo(micro_zoo: Zoo, zoo_cache: Path) -> 
     assert again == micro_zoo
     assert calls == []  # nothing was trained
     assert (root / "base" / "model.safetensors").stat().st_mtime_ns == mtime
-    assert [p.name for p in zoo_cache.iterdir()] == [root.name]
+    # one micro zoo (other modules may add their heterogeneous expert next to it)
+    assert [p.name for p in zoo_cache.iterdir() if p.name.startswith("micro-")] == [root.name]
 
 
 def test_zoo_survives_being_moved(micro_zoo: Zoo, tmp_path: Path) -> None:
