@@ -24,7 +24,8 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,24 @@ def _save_model(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path
     tok.save_pretrained(out)
 
 
+@contextmanager
+def atomic_dir(root: Path) -> Iterator[Path]:
+    """Build into a temporary sibling of ``root``; when the block succeeds it replaces ``root`` (files
+    made readable by all: mkdtemp creates 0700), when it fails it is removed: never a half output."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        yield tmp
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_zoo(
     spec: str | ZooConfig = "tiny",
     cache_dir: Path | None = None,
@@ -238,10 +257,8 @@ def build_zoo(
     root = zoo_dir(config, cache_dir)
     if not force and (existing := find_zoo(config, cache_dir)) is not None:
         return existing
-    root.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with atomic_dir(root) as tmp:
         _build_into(config, tmp, progress)
         manifest: dict[str, Any] = {
             "config": config.model_dump(mode="json"),
@@ -250,14 +267,6 @@ def build_zoo(
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp creates 0700
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Zoo.load(root)
 
 

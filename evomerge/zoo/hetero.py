@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,7 +44,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from evomerge.evaluators import HFBackend, TaskConfig, evaluate
-from evomerge.zoo.build import PROMPT, Progress, Zoo, _encode, _save_model, train
+from evomerge.zoo.build import PROMPT, Progress, Zoo, _encode, _save_model, atomic_dir, train
 from evomerge.zoo.tasks import TASK_FAMILIES, Example, Generator, write_jsonl
 from evomerge.zoo.tasks import generate as generate_zoo
 
@@ -89,23 +87,7 @@ def generate_examples(family: str, n: int, seed: int, exclude: set[str] | None =
     The same algorithm as :func:`evomerge.zoo.tasks.generate` (``random.Random(f"{family}:{seed}")``,
     questions in ``exclude`` skipped), which serves the zoo's own families.
     """
-    if family in TASK_FAMILIES:
-        return generate_zoo(family, n, seed, exclude)
-    gen = HETERO_FAMILIES[family]
-    rng = random.Random(f"{family}:{seed}")
-    seen = set(exclude or ())
-    out: list[Example] = []
-    attempts = 0
-    while len(out) < n:
-        q, a = gen(rng)
-        attempts += 1
-        if q in seen:
-            if attempts > 50 * n:
-                raise RuntimeError(f"task family {family!r} cannot produce {n} distinct examples")
-            continue
-        seen.add(q)
-        out.append((q, a))
-    return out
+    return generate_zoo(family, n, seed, exclude, families={**TASK_FAMILIES, **HETERO_FAMILIES})
 
 
 # -- tokenizer --------------------------------------------------------------------------------------
@@ -300,10 +282,8 @@ def build_hetero(
     root = hetero_dir(z, cfg, cache_dir)
     if not force and (root / "hetero.json").is_file():
         return HeteroExpert.load(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with atomic_dir(root) as tmp:
         _build_into(z, cfg, tmp, progress)
         tasks = _task_configs(cfg)
         scores = _measure(z, tmp, tasks)
@@ -320,14 +300,6 @@ def build_hetero(
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / "hetero.json").write_text(json.dumps(manifest, indent=2))
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp creates 0700
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return HeteroExpert.load(root)
 
 

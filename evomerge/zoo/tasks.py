@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 Example = tuple[str, str]
@@ -84,9 +84,17 @@ def gen_logic(rng: random.Random) -> Example:
 TASK_FAMILIES: dict[str, Generator] = {"arith": gen_arith, "code": gen_code, "logic": gen_logic}
 
 
-def generate(family: str, n: int, seed: int, exclude: set[str] | None = None) -> list[Example]:
-    """``n`` distinct examples of a family (questions in ``exclude`` are skipped: no split leakage)."""
-    gen = TASK_FAMILIES[family]
+def generate(
+    family: str,
+    n: int,
+    seed: int,
+    exclude: set[str] | None = None,
+    *,
+    families: Mapping[str, Generator] = TASK_FAMILIES,
+) -> list[Example]:
+    """``n`` distinct examples of a family (questions in ``exclude`` are skipped: no split leakage);
+    ``families`` lets other family tables (the heterogeneous expert's) share the same seeding."""
+    gen = families[family]
     rng = random.Random(f"{family}:{seed}")
     seen = set(exclude or ())
     out: list[Example] = []
