@@ -85,13 +85,18 @@ def _scalar_float(x: Any = 0.0) -> float:
     return builtins.float(x)
 
 
-def _patch_metamodel_float() -> None:
+def _numpy_refuses_float_of_arrays() -> bool:
+    """numpy >= 2.4 no longer converts a one-element array with ``float()``."""
     try:
         builtins.float(np.zeros(1))
     except TypeError:
-        pass  # numpy >= 2.4: nevergrad's meta-models need the shim
-    else:
-        return
+        return True
+    return False
+
+
+def _patch_metamodel_float() -> None:
+    if not _numpy_refuses_float_of_arrays():
+        return  # nevergrad's meta-models work as they are
     from nevergrad.optimization import metamodel
 
     if getattr(metamodel, "float", None) is not _scalar_float:
