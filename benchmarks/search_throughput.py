@@ -25,18 +25,13 @@ from typing import Any
 
 import torch
 
+# the demo's search space, as in search_efficiency.py (this folder is on sys.path when run as a script)
+from search_efficiency import SPACE
+
 from evomerge.optimizer import SamplerConfig, SweepConfig, resolve_sweep, run_search
 from evomerge.optimizer.config import BackendConfig, ExecutorConfig
 from evomerge.optimizer.executors import LocalExecutor, RayExecutor
-from evomerge.search_spaces import ParamRange, SearchSpaceConfig
 from evomerge.zoo import build_zoo, resolve_config
-
-SPACE = SearchSpaceConfig(
-    method="task_arithmetic",
-    params=(ParamRange(name="weight", low=0.0, high=1.2),),
-    granularity="layer",
-    global_parameters={"lambda": 1.0},
-)
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ import difflib
 import math
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -403,30 +403,19 @@ class NevergradSampler(optuna.samplers.BaseSampler):
         The optimizer is dropped; the next sample rebuilds it by replaying the storage."""
         if self._opt is None:
             return
-        base = self._ng.optimizers.base.Optimizer
-        stack: list[Any] = [self._opt]
-        seen: set[int] = set()
-        while stack:
-            opt = stack.pop()
-            if id(opt) in seen:
-                continue
-            seen.add(id(opt))
+        for opt in self._optimizer_tree():
             thread = getattr(opt, "_messaging_thread", None)
             if thread is not None:
                 with contextlib.suppress(Exception):
                     thread.stop()
-            for attr in _SUB_OPTIMIZER_ATTRS:
-                sub = getattr(opt, attr, None)
-                subs = sub if isinstance(sub, list | tuple) else [sub]
-                stack.extend(s for s in subs if isinstance(s, base))
         self._opt = None
 
     def _leaf_name(self) -> str:
         optim = getattr(self._opt, "optim", None)
         return str(getattr(optim, "name", type(self._opt).__name__))
 
-    def _is_sequential(self) -> bool:
-        """Whether some (sub-)optimizer runs a sequential loop that blocks on an untold candidate."""
+    def _optimizer_tree(self) -> Iterator[Any]:
+        """The optimizer and every (nested) sub-optimizer it delegates to, each once."""
         base = self._ng.optimizers.base.Optimizer
         stack: list[Any] = [self._opt]
         seen: set[int] = set()
@@ -435,13 +424,18 @@ class NevergradSampler(optuna.samplers.BaseSampler):
             if id(opt) in seen:
                 continue
             seen.add(id(opt))
-            if getattr(opt, "recast", False) and getattr(opt, "no_parallelization", False):
-                return True
+            yield opt
             for attr in _SUB_OPTIMIZER_ATTRS:
                 sub = getattr(opt, attr, None)
                 subs = sub if isinstance(sub, list | tuple) else [sub]
-                stack.extend(s for s in subs if isinstance(s, base))
-        return False
+                stack.extend(x for x in subs if isinstance(x, base))
+
+    def _is_sequential(self) -> bool:
+        """Whether some (sub-)optimizer runs a sequential loop that blocks on an untold candidate."""
+        return any(
+            getattr(opt, "recast", False) and getattr(opt, "no_parallelization", False)
+            for opt in self._optimizer_tree()
+        )
 
     def _encode(self, trial: FrozenTrial) -> np.ndarray | None:
         """The trial's point in [0, 1]^d; None if it lacks a parameter of the space."""
