@@ -92,7 +92,11 @@ def test_ray_workers_run_a_sweep_asynchronously(
 
 
 def _kill_first_running(study_name: str, storage: str, killed: list[int], stop: threading.Event) -> None:
-    """Watch the study; SIGKILL the worker process of the first RUNNING trial once."""
+    """Watch the study; SIGKILL the worker of the first RUNNING trial once (its pid goes in ``killed``).
+
+    The trial seen RUNNING need not be the one that is lost: its result may already be on its way to the
+    driver, and with prefetch a second candidate is queued on that worker. The test therefore asks the
+    study which trials the driver saw die."""
     study = None
     while study is None and not stop.is_set():
         try:
@@ -104,7 +108,7 @@ def _kill_first_running(study_name: str, storage: str, killed: list[int], stop: 
             pid = t.user_attrs.get("worker_pid")
             if pid is not None and pid != os.getpid():
                 os.kill(int(pid), signal.SIGKILL)
-                killed.append(t.number)
+                killed.append(int(pid))
                 return
         time.sleep(0.005)
 
@@ -139,17 +143,19 @@ def test_a_worker_killed_mid_trial_is_replaced_and_the_sweep_goes_on(
         watcher.join()
         pool.close()
     assert len(killed) == 1
-    victim = study.trials[killed[0]]
     assert len(trials_in(study, TrialState.COMPLETE)) == 6  # the sweep went on to its budget
-    assert set(pool._pids) != before  # the dead worker was replaced by a new process
-    if retries:
-        assert victim.state == TrialState.COMPLETE and victim.user_attrs["worker_restarts"] == 1
+    assert set(pool._pids) != before and killed[0] not in pool._pids  # the dead worker was replaced
+    if retries:  # the candidates lost with the worker ran again on its replacement and completed
+        restarted = [t for t in study.trials if t.user_attrs.get("worker_restarts")]
+        assert 1 <= len(restarted) <= 2
+        assert all(t.state == TrialState.COMPLETE and t.user_attrs["worker_restarts"] == 1 for t in restarted)
+        assert all(t.user_attrs["worker_pid"] in pool._pids for t in restarted)  # re-run on the new worker
         assert trials_in(study, TrialState.FAIL) == []
     else:  # the running trial fails, and so does any candidate queued behind it on that worker
-        assert victim.state == TrialState.FAIL
         failed = trials_in(study, TrialState.FAIL)
-        assert victim.number in [t.number for t in failed] and len(failed) <= 2
+        assert 1 <= len(failed) <= 2
         assert all(t.user_attrs["error"].startswith("worker died") for t in failed)
+        assert all(t.user_attrs["worker_pid"] == killed[0] for t in failed)
 
 
 # ------------------------------------------------------------------------------------------ kill + resume
