@@ -25,7 +25,7 @@ from evomerge.errors import ConfigError
 from evomerge.optimizer import ResolvedSweep, SamplerConfig, SweepConfig, resolve_sweep, run_search
 from evomerge.optimizer.config import ExecutorConfig
 from evomerge.optimizer.loop import check_held_out
-from evomerge.optimizer.study import open_study
+from evomerge.optimizer.study import candidate_params, open_study
 from evomerge.search_spaces import ParamRange, SearchSpaceConfig
 from evomerge.zoo import Zoo
 
@@ -234,10 +234,12 @@ def test_sigkilled_sweeps_resume_to_exactly_the_budget(
     # every trial a kill interrupted was failed and its candidate asked again
     requeued = {t.user_attrs["requeued_from"]: t for t in study.trials if "requeued_from" in t.user_attrs}
     interrupted = [t for t in trials_in(study, TrialState.FAIL) if "stopped" in t.user_attrs.get("error", "")]
-    assert any(t.params for t in interrupted), "no kill landed inside a trial"
+    assert any(candidate_params(t) for t in interrupted), "no kill landed inside a trial"
     for t in interrupted:  # (a kill inside the sampler leaves a trial with no candidate to ask again)
-        if t.params:
-            assert t.number in requeued and requeued[t.number].params == t.params
+        if candidate_params(t):
+            assert t.number in requeued and requeued[t.number].params == candidate_params(t)
+        else:
+            assert t.number not in requeued and "recipe" not in t.user_attrs
     sessions = json.loads((tmp_path / "runs" / study_name / "search_stats.json").read_text())
     assert len(sessions) >= 1  # the killed sessions never wrote theirs; the last one did
 

@@ -36,6 +36,7 @@ from evomerge.optimizer.study import (
     owner_id,
     quiet_heartbeat,
     recover_stale_trials,
+    study_lock,
 )
 from evomerge.search_spaces import SearchSpace
 
@@ -220,12 +221,13 @@ def run_search(
     with ModelDir(sweep.base) as md:
         num_layers = md.num_layers
     space = build_space(sweep, num_layers)
-    if not study.trials:
-        seeds = space.seed_genomes(config.seed_recipes) + [
-            space.uniform_genome(values) for values in config.seed_genomes
-        ]
-        for genome in seeds:
-            study.enqueue_trial(genome, skip_if_exists=True)
+    with study_lock(study):  # sweeps started together on a new study: one of them seeds it
+        if not study.trials:
+            seeds = space.seed_genomes(config.seed_recipes) + [
+                space.uniform_genome(values) for values in config.seed_genomes
+            ]
+            for genome in seeds:
+                study.enqueue_trial(genome, skip_if_exists=True)
     driver = _Driver(sweep, space, study, executor, on_trial, max_consecutive_failures)
     try:
         driver.run()
@@ -288,12 +290,16 @@ class _Driver:
     # -- asking ---------------------------------------------------------------------------------
     def _budget_left(self) -> bool:
         """Another trial may start: complete trials + trials running anywhere stay under n_trials."""
-        running = count_trials(self.study, TrialState.RUNNING)
-        return count_trials(self.study, TrialState.COMPLETE) + running < self.config.n_trials
+        taken = count_trials(self.study, TrialState.COMPLETE, TrialState.RUNNING)
+        return taken < self.config.n_trials
 
     def _ask(self, worker: int) -> None:
-        with quiet_heartbeat():
-            trial = self.study.ask(self.distributions)
+        # count and ask under the study's lock: sweep processes sharing the study take slots one at a time
+        with study_lock(self.study):
+            if not self._budget_left():
+                return
+            with quiet_heartbeat():
+                trial = self.study.ask(self.distributions)
         trial.set_user_attr("owner", self.owner)
         try:
             recipe = self.space.to_recipe(trial.params).to_dict()

@@ -5,14 +5,21 @@ asked, and RDB storages get heartbeats for running trials. A RUNNING trial is st
 process of this host that no longer exists, when it has no owner and started over 15 s ago, or
 (any host) when its heartbeat is older than the grace period. Stale trials are failed with an ``error``
 and their parameters enqueued again, so the candidate a crash interrupted is evaluated first.
+
+Sharing a study. Several sweep processes (hosts, with PostgreSQL or MySQL) may run one study: seeding an
+empty study and taking a slot of the budget (count, then ask) happen under :func:`study_lock`, so the
+study ends with exactly ``n_trials`` complete trials and its seeds enqueued once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import random
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
@@ -31,6 +38,7 @@ NO_OWNER_GRACE_S = 15
 single storage write apart): stale once it is this old."""
 RECOVERY_INTERVAL_S = 30.0
 """How often a running sweep looks for stale trials of other (dead) processes sharing its study."""
+STORAGE_INIT_ATTEMPTS = 8
 
 
 def make_sampler(
@@ -75,11 +83,74 @@ def make_storage(url: str) -> optuna.storages.BaseStorage | str:
     """RDB URLs (sqlite, postgresql, ...) get heartbeats, so other hosts can tell a dead sweep's trials."""
     if "://" not in url or url.startswith(("journal", "redis")):
         return url
-    with warnings.catch_warnings():  # heartbeats are "experimental" in optuna, stable in practice
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S
-        )
+    from sqlalchemy import exc
+
+    for attempt in range(STORAGE_INIT_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna, stable in practice
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S
+                )
+        except (exc.IntegrityError, exc.ProgrammingError):
+            # Sweeps started together on an empty database all create optuna's tables; PostgreSQL
+            # fails all but one ("duplicate key ... pg_type_typname_nsp_index", "already exists").
+            # Once the winner's tables exist, creating them again finds them and does nothing.
+            if attempt == STORAGE_INIT_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0.1, 0.5))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _lock_key(study: optuna.Study) -> int:
+    """A signed 64-bit key for the study (PostgreSQL advisory locks take a bigint)."""
+    digest = hashlib.sha256(f"evomerge:{study.study_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def study_lock(study: optuna.Study) -> Iterator[None]:
+    """Hold a lock on the study, across all processes sharing it, for a read-then-write decision: seeding
+    an empty study, or counting the budget and asking a trial (two sweeps that both count one free slot
+    and both ask would run one trial too many).
+
+    PostgreSQL: a transaction-level advisory lock (released when the holder commits or its connection
+    drops: a killed process never leaves it held); MySQL: ``GET_LOCK``; SQLite: ``flock`` on a sibling
+    ``.lock`` file. Other storages (journal files, in-memory) are not locked.
+    """
+    backend: Any = getattr(study._storage, "_backend", study._storage)
+    engine: Any = getattr(backend, "engine", None)
+    dialect = getattr(getattr(engine, "dialect", None), "name", None)
+    if dialect == "postgresql":
+        from sqlalchemy import text
+
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(study)})
+            yield
+        return
+    if dialect in ("mysql", "mariadb"):
+        from sqlalchemy import text
+
+        name = f"evomerge:{_lock_key(study):x}"
+        with engine.connect() as conn:
+            conn.execute(text("SELECT GET_LOCK(:name, -1)"), {"name": name})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        return
+    database = getattr(getattr(engine, "url", None), "database", None)
+    if dialect == "sqlite" and database and database != ":memory:":
+        import fcntl
+
+        with open(f"{database}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    yield
 
 
 @contextlib.contextmanager
@@ -159,10 +230,31 @@ def owner_alive(owner: str) -> bool | None:
     return _process_start(pid) == start
 
 
+def heartbeat_enabled(storage: Any) -> bool:
+    """Whether ``storage`` records heartbeats (an RDB storage made by :func:`make_storage`). optuna has
+    this as a module function (``optuna.storages._heartbeat.is_heartbeat_enabled``), not as a method of
+    the storage: asking the storage for an ``is_heartbeat_enabled`` method always found none."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(interval) and interval() is not None
+
+
+def candidate_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The whole candidate a stopped trial stood for, to ask again; empty when there is none.
+
+    The parameters it was enqueued with (whole, even when the process died while writing them to the
+    trial one by one); else its sampled parameters, but only once sampling finished (the sweep records
+    the ``recipe`` before a worker sees the candidate). A process that died inside the sampler, or between
+    two sampled parameters, left no candidate that ever ran: nothing to ask again."""
+    fixed = trial.system_attrs.get("fixed_params")
+    if fixed:
+        return dict(fixed)
+    return dict(trial.params) if "recipe" in trial.user_attrs else {}
+
+
 def _heartbeat_stale_ids(study: optuna.Study) -> set[int]:
     storage: Any = study._storage
     get = getattr(storage, "_get_stale_trial_ids", None)
-    if get is None or not getattr(storage, "is_heartbeat_enabled", lambda: False)():
+    if get is None or not heartbeat_enabled(storage):
         return set()
     try:
         return set(get(study._study_id))
@@ -195,16 +287,16 @@ def recover_stale_trials(study: optuna.Study, *, requeue: bool = True) -> list[i
         except (RuntimeError, ValueError):  # another process recovered it first
             continue
         recovered.append(t.number)
-        # the candidate: its sampled parameters, or those it was enqueued with when the process died
-        # before sampling them (none at all when it died inside the sampler: nothing to ask again)
-        params = dict(t.params) or dict(t.system_attrs.get("fixed_params") or {})
+        params = candidate_params(t)
         if requeue and params:
             study.enqueue_trial(params, user_attrs={"requeued_from": t.number})
     return recovered
 
 
-def count_trials(study: optuna.Study, state: TrialState) -> int:
-    return len(study.get_trials(deepcopy=False, states=(state,)))
+def count_trials(study: optuna.Study, *states: TrialState) -> int:
+    """Trials in any of ``states``, counted from one read of the storage (a trial that finishes meanwhile
+    is counted once, in one state or the other)."""
+    return len(study.get_trials(deepcopy=False, states=states))
 
 
 class Heartbeat:
@@ -215,7 +307,7 @@ class Heartbeat:
         self._running = running
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if getattr(self._storage, "is_heartbeat_enabled", lambda: False)():
+        if heartbeat_enabled(self._storage):
             self._thread = threading.Thread(target=self._beat, name="evomerge-heartbeat", daemon=True)
             self._thread.start()
 
