@@ -816,6 +816,32 @@ def test_in_memory_properties(family: tuple[Any, Path, list[Path]], merger: InMe
         assert merger.tensor_names == md.tensor_names()
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear"])
+def test_bfloat16_resident_merger_is_half_the_memory_and_rounds_only_the_task_vectors(
+    method: str, family: tuple[Any, Path, list[Path]], merger: InMemoryMerger
+) -> None:
+    _, base, experts = family
+    half = InMemoryMerger(base, experts, dtype=torch.bfloat16)
+
+    def resident_bytes(m: InMemoryMerger) -> int:
+        tensors = [*(m._base or {}).values(), *(t for v in m._vectors for t in v.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    assert resident_bytes(half) * 2 == resident_bytes(merger)
+    recipe = _recipe(method, None if method == "linear" else base, experts)
+    exact, rounded = merger.merge(recipe), half.merge(recipe)
+    assert list(rounded) == list(exact)
+    for name, tensor in exact.items():
+        assert rounded[name].dtype == tensor.dtype == torch.float32  # merged in float32, as asked
+        scale = float(tensor.abs().max()) or 1.0
+        off = int(((rounded[name] - tensor).abs() > 2**-6 * scale).sum())
+        # bf16 keeps 8 significant bits of each input; ties' top-k trim may flip an entry at its threshold
+        assert off == 0 if method != "ties" else off <= max(2, tensor.numel() // 100), (name, off)
+    assert any(not torch.equal(rounded[n], exact[n]) for n in exact)  # it really was rounded
+    with pytest.raises(RecipeError, match=r"not torch\.int8"):
+        InMemoryMerger(base, experts, dtype=torch.int8)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -25,6 +25,7 @@ from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
 from evomerge.evaluators import HFBackend, evaluate, load_split
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.optimizer import (
+    BackendConfig,
     LocalEvaluator,
     ModelsConfig,
     ResolvedSweep,
@@ -695,3 +696,16 @@ def test_fidelity_config_validation() -> None:
             sampler=SamplerConfig(name="nsga2"),
             fidelity=FidelityConfig(rungs=(5,)),
         )
+
+
+def test_a_bfloat16_resident_merger_scores_like_the_float32_one(
+    runs_dir: Path, zoo_cache: Path, evaluator: LocalEvaluator, micro_zoo: Zoo
+) -> None:
+    backend = BackendConfig(merge_device="cpu", resident_dtype="bfloat16")
+    half = LocalEvaluator(zoo_sweep(runs_dir, zoo_cache, "bf16-resident", backend=backend))
+    assert {t.dtype for v in half.merger._vectors for t in v.values()} == {torch.bfloat16}
+    recipe = uniform_task_arithmetic(micro_zoo.base, list(micro_zoo.experts.values()), 0.5)
+    merged = half.merger.merge(recipe)
+    exact = evaluator.merger.merge(recipe)
+    assert all(merged[n].dtype == exact[n].dtype for n in exact)
+    assert max(float((merged[n] - exact[n]).abs().max()) for n in exact) < 1e-2

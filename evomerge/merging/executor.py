@@ -354,6 +354,11 @@ def _path_key(path: str | Path) -> str:
 class InMemoryMerger:
     """Keeps a base model and task vectors resident (float32 on ``device``) and builds merged state dicts.
 
+    ``dtype`` bfloat16 (or float16) keeps them in half the memory (a 7B base and two task vectors: 46 GB
+    instead of 91 GB): the task vectors are computed in float32 and rounded once, and each tensor is
+    computed in float32 when merged; the merged weights then differ from :func:`merge_streaming`'s by that
+    rounding of the task vectors (and of the base, when its checkpoint is float32).
+
     Loading reads each model once: the base ``b`` and, per expert, ``d_i = x_i - b`` (the experts
     themselves when there is no base, which only base-free methods such as ``linear`` accept). Each
     :meth:`merge` then runs the kernels over resident tensors without touching disk. Recipes refer to the
@@ -370,10 +375,14 @@ class InMemoryMerger:
         base_dir: str | Path | None,
         expert_dirs: Sequence[str | Path],
         device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if not expert_dirs:
             raise RecipeError("InMemoryMerger needs at least one expert model")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise RecipeError(f"InMemoryMerger keeps float32, bfloat16 or float16 tensors, not {dtype}")
         self._device = torch.device(device)
+        self._dtype = dtype
         self._base_key = _path_key(base_dir) if base_dir is not None else None
         self._expert_keys = [_path_key(p) for p in expert_dirs]
         self._base_path = Path(base_dir) if base_dir is not None else None
@@ -402,8 +411,11 @@ class InMemoryMerger:
                 vector: dict[str, torch.Tensor] = {}
                 for n in self._float_names:
                     x = model.read(n).to(self._device, torch.float32)
-                    vector[n] = x - self._base[n] if self._base is not None else x.clone()
+                    d = x - self._base[n] if self._base is not None else x.clone()
+                    vector[n] = d if dtype == torch.float32 else d.to(dtype)  # rounded once, kept small
                 self._vectors.append(vector)
+            if self._base is not None and dtype != torch.float32:
+                self._base = {n: b.to(dtype) for n, b in self._base.items()}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -459,11 +471,14 @@ class InMemoryMerger:
         return selected
 
     def _inputs(self, name: str, selected: Sequence[int | None]) -> MergeInputs:
+        def f32(t: torch.Tensor) -> torch.Tensor:  # the kernels compute in float32
+            return t if t.dtype == torch.float32 else t.float()
+
         if self._base is None:
-            experts = tuple(self._vectors[j][name] for j in selected if j is not None)
+            experts = tuple(f32(self._vectors[j][name]) for j in selected if j is not None)
             return MergeInputs(base=None, experts=experts)
-        base = self._base[name]
-        deltas = tuple(torch.zeros_like(base) if j is None else self._vectors[j][name] for j in selected)
+        base = f32(self._base[name])
+        deltas = tuple(torch.zeros_like(base) if j is None else f32(self._vectors[j][name]) for j in selected)
         return MergeInputs(base=base, deltas=deltas)
 
     def iter_merged(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor]]:

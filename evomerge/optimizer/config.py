@@ -68,6 +68,13 @@ class BackendConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(default=64, ge=1)
     threads: int | None = Field(default=None, ge=1)
+    merge_device: str | None = None
+    """Where the base and the task vectors stay resident and candidates are merged (default: ``device``).
+    ``cpu`` frees the GPU for the engine when they do not fit beside it (7B, two experts: 91 GB float32);
+    each candidate's merged weights are then copied to the GPU."""
+    resident_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype the base and task vectors are kept in: bfloat16 halves their memory, at the cost of
+    rounding the task vectors once (merging itself still computes in float32)."""
 
 
 class ExecutorConfig(BaseModel):

@@ -105,7 +105,12 @@ class LocalEvaluator:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.sweep = sweep
-        self.merger = InMemoryMerger(sweep.base, sweep.experts, device=cfg.device)
+        self.merger = InMemoryMerger(
+            sweep.base,
+            sweep.experts,
+            device=cfg.merge_device or cfg.device,
+            dtype=_DTYPES[cfg.resident_dtype],
+        )
         self.backend: Any
         if cfg.kind == "vllm":
             from evomerge.evaluators.vllm_backend import VLLMBackend
