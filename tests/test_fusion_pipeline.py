@@ -20,7 +20,13 @@ from evomerge.fusion.cache import source_pass
 from evomerge.fusion.data import load_pairs
 from evomerge.fusion.distill import DistillConfig, distill
 from evomerge.fusion.losses import distill_loss
-from evomerge.fusion.pipeline import FusionConfig, build_examples, run_fusion, target_coverage
+from evomerge.fusion.pipeline import (
+    FusionConfig,
+    build_examples,
+    merge_copies,
+    run_fusion,
+    target_coverage,
+)
 from evomerge.zoo import Zoo
 from evomerge.zoo.hetero import HeteroExpert, build_hetero
 
@@ -190,6 +196,48 @@ def test_unified_and_pairwise_variants(
         micro_zoo.base, tmp_path / "fusion", cfg.model_copy(update={"variants": ("unified",)}), overwrite=True
     )
     assert again["unified"].exists()
+
+
+def test_runs_sharing_a_cache_dir_reuse_the_source_passes(
+    micro_zoo: Zoo, hetero: HeteroExpert, data: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "passes"
+    cfg = _config([hetero.model], data, cache_dir=str(shared))
+    run_fusion(micro_zoo.base, tmp_path / "first", cfg)
+    shards = sorted(shared.rglob("*.safetensors"))
+    assert shards and not (tmp_path / "first" / "cache").exists()  # the passes went to cache_dir
+    stamps = [f.stat().st_mtime_ns for f in shards]
+    other = cfg.model_copy(
+        update={"fusion": "entropy", "distill": cfg.distill.model_copy(update={"lr": 1e-3})}
+    )
+    run_fusion(micro_zoo.base, tmp_path / "second", other)
+    assert sorted(shared.rglob("*.safetensors")) == shards  # nothing recomputed or rewritten
+    assert [f.stat().st_mtime_ns for f in shards] == stamps
+
+
+def test_linear_pairwise_merge_is_the_average_of_the_copies(micro_zoo: Zoo, tmp_path: Path) -> None:
+    copies = [Path(micro_zoo.experts["arith"]), Path(micro_zoo.experts["code"])]
+    merged = merge_copies(micro_zoo.base, copies, tmp_path / "avg", "linear", overwrite=False)
+    a, b = (load_file(str(c / "model.safetensors")) for c in copies)
+    out = {n: t for f in sorted(merged.glob("*.safetensors")) for n, t in load_file(str(f)).items()}
+    assert set(out) == set(a)
+    for name in a:
+        torch.testing.assert_close(out[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_distillation_threads_apply_during_training_only(micro_zoo: Zoo, data: Path, tmp_path: Path) -> None:
+    examples, _ = _examples(micro_zoo, [micro_zoo.experts["arith"]], data, tmp_path)
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    cfg = DistillConfig(epochs=1, batch_size=32, threads=1)
+    distill(
+        micro_zoo.base,
+        examples,
+        tmp_path / "one",
+        cfg,
+        progress=lambda *_: seen.append(torch.get_num_threads()),
+    )
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
 
 
 def test_bad_fusion_input_is_one_line(micro_zoo: Zoo, tmp_path: Path) -> None:

@@ -545,14 +545,16 @@ def align_spans(src: Sequence[str], tgt: Sequence[str]) -> Alignment | None:
         else:
             a += 1
             b += 1
+    # the cost: only pairs of different keys cost anything (same tokenizer: none, nothing to compute)
+    differ = [(src_keys[i], tgt_keys[j]) for i, j in path if src_keys[i] != tgt_keys[j]]
     cost = 0
-    if path:
-        ua = sorted({src_keys[i] for i, _ in path})
-        ub = sorted({tgt_keys[j] for _, j in path})
+    if differ:
+        ua = sorted({a for a, _ in differ})
+        ub = sorted({b for _, b in differ})
         ed = edit_distance_matrix(ua, ub)
         pa = {k: n for n, k in enumerate(ua)}
         pb = {k: n for n, k in enumerate(ub)}
-        cost = int(sum(ed[pa[src_keys[i]], pb[tgt_keys[j]]] for i, j in path))
+        cost = int(sum(ed[pa[a], pb[b]] for a, b in differ))
     return _finish(path, cost, src, tgt)
 
 

@@ -46,7 +46,8 @@ class FusionConfig(BaseModel):
     fusion: Literal["min_ce", "avg_ce", "entropy"] = "min_ce"
     vocab_map: Literal["exact", "min_ed", "stats"] = "min_ed"
     variants: tuple[Variant, ...] = ("unified",)
-    pairwise_method: Literal["sce", "rsaf"] = "sce"
+    pairwise_method: Literal["sce", "rsaf", "linear"] = "sce"
+    """How the distilled copies are merged: SCE, RSAF, or ``linear`` (their plain average)."""
     top_k: int = Field(default=10, ge=1)
     max_len: int = Field(default=256, ge=8)
     source_batch_size: int = Field(default=8, ge=1)
@@ -60,6 +61,13 @@ class FusionConfig(BaseModel):
     split_tokens: bool = True
     """Also give targets where one source token spans several pivot tokens (prefix-conditioned, see
     ``_split_targets``); off: only 1-to-1 aligned tokens of equal strings, as in FuseLLM."""
+    cache_dir: str | None = None
+    """Where the source passes are cached (default ``OUT/cache``): runs that share it (other fusion
+    functions, losses, learning rates on the same data) reuse the passes instead of redoing them."""
+    device: str = "cpu"
+    """Where the source passes and the scoring of the fused models run (``distill.device`` trains)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The sources' and scored models' weight dtype (log-probs are always computed in float32)."""
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @field_validator("response_format")
@@ -281,8 +289,10 @@ def run_fusion(
         cache = source_pass(
             path,
             pairs,
-            out / "cache" / name,
+            (root / config.cache_dir if config.cache_dir else out / "cache") / name,
             top_k=config.top_k,
+            device=config.device,
+            dtype=getattr(torch, config.dtype),
             batch_size=config.source_batch_size,
             max_len=config.max_len,
             template=config.template,
@@ -343,7 +353,9 @@ def merge_copies(pivot: str | Path, copies: Sequence[Path], out: Path, method: s
             }
         )
     else:
-        params: dict[str, Any] = {} if method == "sce" else {"weight": 1.0, "density": 0.7}
+        params: dict[str, Any] = {"sce": {}, "linear": {"weight": 1.0}}.get(
+            method, {"weight": 1.0, "density": 0.7}
+        )
         recipe = MergeRecipe.model_validate(
             {
                 "merge_method": method,
@@ -362,13 +374,17 @@ def score_models(
     *,
     split: Literal["dev", "test"] = "test",
     batch_size: int = 64,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> list[tuple[str, dict[str, float], float]]:
     """(name, per-task scores, mean) of each model directory on ``split`` (any architecture/tokenizer)."""
     from evomerge.evaluators import HFBackend, evaluate
 
     rows: list[tuple[str, dict[str, float], float]] = []
     for name, path in models:
-        backend = HFBackend.from_pretrained(path, batch_size=batch_size)
+        backend = HFBackend.from_pretrained(
+            path, batch_size=batch_size, device=device, dtype=getattr(torch, dtype)
+        )
         result = evaluate(backend, tasks, split, data_dir)  # type: ignore[arg-type]
         rows.append((name, dict(result.scores), float(result.mean)))
     return rows
