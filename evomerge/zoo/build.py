@@ -35,6 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.errors import ConfigError
 from evomerge.evaluators import TaskConfig
+from evomerge.zoo.smollm2 import SMOLLM2_PRESETS, SmolLM2Config
 from evomerge.zoo.tasks import TASK_FAMILIES, generate, write_jsonl
 from evomerge.zoo.tokenizer import train_tokenizer
 
@@ -89,6 +90,9 @@ class ZooConfig(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+AnyZooConfig = ZooConfig | SmolLM2Config
+"""A tiny-zoo config (a Llama trained here) or a smollm2 one (a real base and LoRA experts)."""
+
 PRESETS: dict[str, ZooConfig] = {
     "tiny": ZooConfig(),
     # A very small zoo for tests: same shapes of everything, a fraction of the training.
@@ -107,12 +111,16 @@ PRESETS: dict[str, ZooConfig] = {
 }
 
 
+ALL_PRESETS: dict[str, AnyZooConfig] = {**PRESETS, **SMOLLM2_PRESETS}
+"""Every preset ``evomerge zoo build --preset`` and a sweep's ``zoo:`` accept."""
+
+
 class Zoo(BaseModel):
     """The manifest of a built zoo (``zoo.json``)."""
 
     model_config = ConfigDict(frozen=True)
 
-    config: ZooConfig
+    config: AnyZooConfig
     root: str
     base: str
     experts: dict[str, str]
@@ -137,27 +145,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("EVOMERGE_HOME", Path.home() / ".cache" / "evomerge")) / "zoo"
 
 
-def resolve_config(spec: str | ZooConfig) -> ZooConfig:
-    """A preset name or a YAML file path -> ZooConfig."""
-    if isinstance(spec, ZooConfig):
+def resolve_config(spec: str | AnyZooConfig) -> AnyZooConfig:
+    """A preset name or a YAML file path -> ZooConfig (a YAML with ``base_gguf``: SmolLM2Config)."""
+    if isinstance(spec, ZooConfig | SmolLM2Config):
         return spec
-    if spec in PRESETS:
-        return PRESETS[spec]
+    if spec in ALL_PRESETS:
+        return ALL_PRESETS[spec]
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"zoo: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+        raise ConfigError(f"zoo: {spec!r} is neither a preset ({', '.join(ALL_PRESETS)}) nor a YAML file")
     import yaml
 
     from evomerge.config_util import validate_model
 
-    return validate_model(ZooConfig, yaml.safe_load(path.read_text()) or {}, where=str(path))
+    data = yaml.safe_load(path.read_text()) or {}
+    kind: type[ZooConfig] | type[SmolLM2Config] = (
+        SmolLM2Config if isinstance(data, dict) and "base_gguf" in data else ZooConfig
+    )
+    return validate_model(kind, data, where=str(path))
 
 
-def zoo_dir(config: ZooConfig, cache_dir: Path | None = None) -> Path:
+def zoo_dir(config: AnyZooConfig, cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir()) / f"{config.name}-{config.digest()}"
 
 
-def find_zoo(config: ZooConfig, cache_dir: Path | None = None) -> Zoo | None:
+def find_zoo(config: AnyZooConfig, cache_dir: Path | None = None) -> Zoo | None:
     root = zoo_dir(config, cache_dir)
     return Zoo.load(root) if (root / "zoo.json").is_file() else None
 
@@ -246,7 +258,7 @@ def atomic_dir(root: Path) -> Iterator[Path]:
 
 
 def build_zoo(
-    spec: str | ZooConfig = "tiny",
+    spec: str | AnyZooConfig = "tiny",
     cache_dir: Path | None = None,
     *,
     force: bool = False,
@@ -254,6 +266,10 @@ def build_zoo(
 ) -> Zoo:
     """Build (or reuse) the zoo described by ``spec``; returns its manifest."""
     config = resolve_config(spec)
+    if isinstance(config, SmolLM2Config):
+        from evomerge.zoo.smollm2 import build_smollm2
+
+        return build_smollm2(config, cache_dir, force=force, progress=progress)
     root = zoo_dir(config, cache_dir)
     if not force and (existing := find_zoo(config, cache_dir)) is not None:
         return existing
