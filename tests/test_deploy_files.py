@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -289,8 +290,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _healthy(check: list[str]) -> bool:
-    return subprocess.run(check, capture_output=True, timeout=20, check=False).returncode == 0
+def _healthy(check: list[str], env: dict[str, str] | None = None) -> bool:
+    return subprocess.run(check, capture_output=True, timeout=20, check=False, env=env).returncode == 0
 
 
 def test_dashboard_command_and_healthcheck_on_a_fresh_database(tmp_path: Path) -> None:
@@ -526,3 +527,80 @@ def test_storage_url_takes_its_server_from_libpq_variables(monkeypatch: pytest.M
     ):
         engine.connect()
     engine.dispose()
+
+
+def test_ray_head_command_runs_and_a_sweep_joins_it(
+    micro_zoo: Any, evomerge_home: Path, tmp_path: Path
+) -> None:
+    """The ray-head service's own command line (ports and host moved to this machine's loopback, a
+    throw-away temp dir, 2 CPUs), its healthcheck, and the search service's ``evomerge search CONFIG
+    --ray-address ...`` joining that cluster with two workers; the head is stopped by its PID."""
+    pytest.importorskip("ray")
+    command = [str(w) for w in _services()["ray-head"]["command"]]
+    assert command[:3] == ["ray", "start", "--head"] and "--block" in command
+    port, dash = _free_port(), _free_port()
+    moved = {"--port": str(port), "--dashboard-host": "127.0.0.1", "--dashboard-port": str(dash)}
+    args = [f"{w.split('=')[0]}={moved[w.split('=')[0]]}" if w.split("=")[0] in moved else w for w in command]
+    temp = Path(f"/tmp/evr{os.getpid()}")  # Ray's socket paths must stay short
+    args = [str(BIN / "ray"), *args[1:], "--num-cpus=2", f"--temp-dir={temp}"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    env["EVOMERGE_HOME"] = str(evomerge_home)
+    # the service's Ray authentication: token mode, the token from docker/.env (here a fresh one)
+    service_env = _services()["ray-head"]["environment"]
+    assert service_env["RAY_AUTH_MODE"] == "token" and service_env["RAY_AUTH_TOKEN"].startswith(
+        "${RAY_AUTH_TOKEN:?"
+    )
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    address = f"127.0.0.1:{port}"
+    check = [str(BIN / "ray"), *_services()["ray-head"]["healthcheck"]["test"][2:], f"--address={address}"]
+    head = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not _healthy(check, env):
+            if head.poll() is not None:
+                raise AssertionError(f"ray start exited: {head.stderr.read().decode()[-800:]}")  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the ray-head healthcheck never passed"
+            time.sleep(1.0)
+        config = tmp_path / "sweep.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "study_name": "on-the-head",
+                    "runs_dir": str(tmp_path / "runs"),
+                    "zoo": "micro",
+                    "search_space": {
+                        "method": "task_arithmetic",
+                        "params": [{"name": "weight", "low": 0.0, "high": 1.2}],
+                        "granularity": "global",
+                    },
+                    "sampler": {"name": "cmaes", "seed": 0},
+                    "n_trials": 4,
+                    "executor": {"kind": "ray", "workers": 2, "num_cpus": 1},
+                }
+            )
+        )
+        search = subprocess.Popen(
+            [str(BIN / "evomerge"), "search", str(config), "--ray-address", address, "--no-report"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        out, err = search.communicate(timeout=300)
+        assert search.returncode == 0, out[-1500:] + err[-1500:]
+        import optuna
+
+        storage = f"sqlite:///{tmp_path / 'runs' / 'on-the-head' / 'study.db'}"
+        study = optuna.load_study(study_name="on-the-head", storage=storage)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == 4
+        pids = {t.user_attrs["worker_pid"] for t in complete}
+        assert len(pids) == 2 and search.pid not in pids  # by the two actors on the head's node
+    finally:
+        head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -312,7 +312,7 @@ def test_two_search_processes_share_one_study(
     """Both start together on an empty database (both create optuna's tables, both find the study empty):
     the study ends with exactly the budget, every candidate once, and both processes ran trials."""
     _, _, url = pg_db
-    n_trials = 12
+    n_trials = 40  # both get trials even when one starts a few seconds after the other
     cfg = _write_sweep(tmp_path, "shared", url, n_trials)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [_search(cfg, evomerge_home, log) for log in logs]
@@ -338,7 +338,7 @@ def test_a_killed_process_running_trial_is_recovered_by_the_other(
     RUNNING is the one it dies with); the survivor fails that trial, asks its candidate again, and
     finishes the budget."""
     _, _, url = pg_db
-    n_trials = 10
+    n_trials = 40  # enough that the first sweep up cannot finish before the other has started
     cfg = _write_sweep(tmp_path, "killed", url, n_trials)
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
     victim, survivor = procs = [_search(cfg, evomerge_home, log) for log in logs]
@@ -356,7 +356,8 @@ def test_a_killed_process_running_trial_is_recovered_by_the_other(
                     continue
             trials = study.get_trials(deepcopy=False)
             owners = {owner_pid(t) for t in trials if t.user_attrs.get("owner")}
-            if owners == {victim.pid, survivor.pid}:  # both are in their ask/evaluate loops
+            done_by = {owner_pid(t) for t in trials_in(study, TrialState.COMPLETE)}
+            if owners == {victim.pid, survivor.pid} and victim.pid in done_by:  # both in their loops
                 complete = len(trials_in(study, TrialState.COMPLETE))
                 assert complete <= n_trials - 3, "the sweeps ran too fast to kill one mid-sweep"
                 victim.send_signal(signal.SIGSTOP)
