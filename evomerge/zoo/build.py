@@ -286,22 +286,42 @@ def build_zoo(
     return Zoo.load(root)
 
 
-def _task_configs(config: ZooConfig) -> list[TaskConfig]:
-    """Task configs with data paths relative to the zoo root (so a zoo can be moved)."""
+def family_tasks(
+    families: Sequence[str],
+    *,
+    max_new_tokens: int,
+    dev_size: int,
+    test_size: int,
+    seed: int,
+    chat: bool = False,
+) -> list[TaskConfig]:
+    """One exact-match task per zoo family, in the zoo's prompt format, with data paths relative to the
+    build root (so a zoo can be moved; ``load`` makes them absolute). Shared by every zoo builder."""
     return [
         TaskConfig(
             name=fam,
             kind="exact_match",
             data_files={"dev": f"data/{fam}.dev.jsonl", "test": f"data/{fam}.test.jsonl"},
             prompt_template=PROMPT,
-            max_new_tokens=6,
+            chat=chat,
+            max_new_tokens=max_new_tokens,
             stop=["\n"],
-            dev_size=config.dev_size,
-            test_size=config.test_size,
-            seed=config.seed,
+            dev_size=dev_size,
+            test_size=test_size,
+            seed=seed,
         )
-        for fam in config.families
+        for fam in families
     ]
+
+
+def _task_configs(config: ZooConfig) -> list[TaskConfig]:
+    return family_tasks(
+        config.families,
+        max_new_tokens=6,
+        dev_size=config.dev_size,
+        test_size=config.test_size,
+        seed=config.seed,
+    )
 
 
 def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None:

@@ -44,7 +44,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from evomerge.evaluators import HFBackend, TaskConfig, evaluate
-from evomerge.zoo.build import PROMPT, Progress, Zoo, _encode, _save_model, atomic_dir, train
+from evomerge.zoo.build import PROMPT, Progress, Zoo, _encode, _save_model, atomic_dir, family_tasks, train
 from evomerge.zoo.tasks import TASK_FAMILIES, Example, Generator, write_jsonl
 from evomerge.zoo.tasks import generate as generate_zoo
 
@@ -304,21 +304,14 @@ def build_hetero(
 
 
 def _task_configs(config: HeteroConfig) -> list[TaskConfig]:
-    """The new family's task, data paths relative to the build root (made absolute by ``load``)."""
-    fam = config.family
-    return [
-        TaskConfig(
-            name=fam,
-            kind="exact_match",
-            data_files={"dev": f"data/{fam}.dev.jsonl", "test": f"data/{fam}.test.jsonl"},
-            prompt_template=PROMPT,
-            max_new_tokens=config.max_new_tokens,
-            stop=["\n"],
-            dev_size=config.dev_size,
-            test_size=config.test_size,
-            seed=config.seed,
-        )
-    ]
+    """The new family's task."""
+    return family_tasks(
+        [config.family],
+        max_new_tokens=config.max_new_tokens,
+        dev_size=config.dev_size,
+        test_size=config.test_size,
+        seed=config.seed,
+    )
 
 
 def _read_zoo_split(zoo: Zoo, family: str, split: str) -> list[Example]:

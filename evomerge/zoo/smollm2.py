@@ -118,21 +118,16 @@ SMOLLM2_PRESETS: dict[str, SmolLM2Config] = {"smollm2": SmolLM2Config()}
 
 
 def _task_configs(config: SmolLM2Config, families: Sequence[str], *, chat: bool) -> list[TaskConfig]:
-    return [
-        TaskConfig(
-            name=fam,
-            kind="exact_match",
-            data_files={"dev": f"data/{fam}.dev.jsonl", "test": f"data/{fam}.test.jsonl"},
-            prompt_template=PROMPT,
-            chat=chat,
-            max_new_tokens=config.max_new_tokens,
-            stop=["\n"],
-            dev_size=config.dev_size,
-            test_size=config.test_size,
-            seed=config.seed,
-        )
-        for fam in families
-    ]
+    from evomerge.zoo.build import family_tasks  # (build imports this module)
+
+    return family_tasks(
+        families,
+        max_new_tokens=config.max_new_tokens,
+        dev_size=config.dev_size,
+        test_size=config.test_size,
+        seed=config.seed,
+        chat=chat,
+    )
 
 
 def _splits(
