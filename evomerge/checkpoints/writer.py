@@ -10,7 +10,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -413,3 +413,21 @@ class _ShardStream:
                 break
         self.queue.put(_STOP)
         self.thread.join()
+
+
+@contextlib.contextmanager
+def atomic_dir(root: Path) -> Iterator[Path]:
+    """Build into a temporary sibling of ``root``; when the block succeeds it replaces ``root`` (files
+    made readable by all: mkdtemp creates 0700), when it fails it is removed: never a half output."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        yield tmp
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

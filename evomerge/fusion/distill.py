@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from evomerge.checkpoints.writer import atomic_dir
 from evomerge.errors import CheckpointError, ConfigError, OutputExistsError
 
 Progress = Callable[[int, int, float], None]
@@ -164,8 +164,7 @@ def _load_pivot(pivot_dir: Path, config: DistillConfig) -> tuple[Any, Any]:
 
 
 def _save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, step: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ckpt.name}.", dir=ckpt.parent))
-    try:
+    with atomic_dir(ckpt) as tmp:
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(
             {
@@ -177,12 +176,6 @@ def _save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, ste
             },
             tmp / "state.pt",
         )
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        tmp.rename(ckpt)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
@@ -276,15 +269,8 @@ def _distill(
     model.eval()
     if config.lora is not None:
         model = model.merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.to("cpu").save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     shutil.rmtree(ckpt, ignore_errors=True)
     return out

@@ -21,11 +21,8 @@ import hashlib
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evomerge.checkpoints.writer import atomic_dir
 from evomerge.errors import ConfigError
 from evomerge.evaluators import TaskConfig
 from evomerge.zoo.smollm2 import SMOLLM2_PRESETS, SmolLM2Config
@@ -237,24 +235,6 @@ def _save_model(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path
     model.generation_config.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-
-
-@contextmanager
-def atomic_dir(root: Path) -> Iterator[Path]:
-    """Build into a temporary sibling of ``root``; when the block succeeds it replaces ``root`` (files
-    made readable by all: mkdtemp creates 0700), when it fails it is removed: never a half output."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        yield tmp
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build_zoo(

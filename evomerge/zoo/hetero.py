@@ -43,8 +43,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from evomerge.checkpoints.writer import atomic_dir
 from evomerge.evaluators import HFBackend, TaskConfig, evaluate
-from evomerge.zoo.build import PROMPT, Progress, Zoo, _encode, _save_model, atomic_dir, family_tasks, train
+from evomerge.zoo.build import PROMPT, Progress, Zoo, _encode, _save_model, family_tasks, train
 from evomerge.zoo.tasks import TASK_FAMILIES, Example, Generator, write_jsonl
 from evomerge.zoo.tasks import generate as generate_zoo
 

@@ -287,7 +287,8 @@ def build_smollm2(
 ) -> Zoo:
     """Build (or reuse) the smollm2 zoo of ``config``; returns its :class:`~evomerge.zoo.build.Zoo`."""
     from evomerge.checkpoints.gguf import write_hf_dir
-    from evomerge.zoo.build import Zoo, atomic_dir, find_zoo, zoo_dir
+    from evomerge.checkpoints.writer import atomic_dir
+    from evomerge.zoo.build import Zoo, find_zoo, zoo_dir
     from evomerge.zoo.tasks import generate
 
     root = zoo_dir(config, cache_dir)
@@ -417,7 +418,7 @@ def build_smollm2_hetero(
     (Gemma 3 270M by default) imported and LoRA-fine-tuned on ``sort`` plus a share of the zoo's families.
     """
     from evomerge.checkpoints.gguf import write_hf_dir
-    from evomerge.zoo.build import atomic_dir
+    from evomerge.checkpoints.writer import atomic_dir
     from evomerge.zoo.hetero import generate_examples
 
     config = zoo.config
