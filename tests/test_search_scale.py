@@ -188,6 +188,16 @@ def _complete_count(db: Path) -> int:
         return 0
 
 
+def _running_candidates(db: Path) -> int:
+    """RUNNING trials whose candidate was complete (``recipe`` recorded): a kill landed inside them."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        query = (
+            "SELECT count(*) FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+            "WHERE t.state = 'RUNNING' AND a.key = 'recipe'"
+        )
+        return int(con.execute(query).fetchone()[0])
+
+
 @pytest.mark.parametrize(
     "sampler", [{"name": "cmaes", "seed": 0}, {"name": "nevergrad", "optimizer": "NGOpt", "seed": 0}]
 )
@@ -203,8 +213,10 @@ def test_sigkilled_sweeps_resume_to_exactly_the_budget(
     cmd = [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--no-report"]
     storage = f"sqlite:///{tmp_path / 'runs' / study_name / 'study.db'}"
     rng = random.Random(sampler["name"])
-    kills = 0
-    for _ in range(3):  # start, wait until some trials ran, SIGKILL at a random moment
+    kills = inside = 0
+    for _ in range(6):  # start, wait until some trials ran, SIGKILL at a random moment
+        if kills >= 3 and inside:
+            break
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         target = rng.randint(1, 3)
@@ -218,6 +230,7 @@ def test_sigkilled_sweeps_resume_to_exactly_the_budget(
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
+        inside += _running_candidates(tmp_path / "runs" / study_name / "study.db")
     assert kills >= 2
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-2000:]
