@@ -190,7 +190,9 @@ def _complete_count(db: Path) -> int:
 
 def _running_candidates(db: Path) -> int:
     """RUNNING trials whose candidate was complete (``recipe`` recorded): a kill landed inside them."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db, timeout=5) as con:  # read-write: a killed writer's journal is rolled back
         query = (
             "SELECT count(*) FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
             "WHERE t.state = 'RUNNING' AND a.key = 'recipe'"
