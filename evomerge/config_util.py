@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,13 +60,50 @@ def validate_model(cls: type[M], data: Any, *, where: str) -> M:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def load_yaml(path: str | Path) -> Any:
-    p = Path(path)
+def load_yaml(path: str | Path, *, what: str = "config file") -> Any:
+    """The YAML file ``path`` parsed; ConfigError (one line naming the file) when it is missing, not a
+    regular file, unreadable, not UTF-8 text or not valid YAML. Every config reader goes through here."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"{what} {str(p)!r} is not a file")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {p}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is not UTF-8 text") from None
+    return parse_yaml(text, where=str(p))
+
+
+def parse_yaml(text: str, *, where: str) -> Any:
+    """YAML text parsed; ConfigError ``WHERE line N: not valid YAML (problem)`` on a syntax error."""
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{line} is not valid YAML") from None
+        problem = getattr(err, "problem", None)
+        detail = f" ({' '.join(str(problem).split())})" if problem else ""
+        raise ConfigError(f"{where}:{line} is not valid YAML{detail}") from None
+    except RecursionError:  # deeply nested flow collections
+        raise ConfigError(f"{where}: is not valid YAML (nested too deeply)") from None
+
+
+def load_json(path: str | Path, *, what: str) -> Any:
+    """A JSON file written by evomerge (a run's ``sweep.json``, ``results.json``); ConfigError naming the
+    file when it is missing, unreadable, truncated or corrupt."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {p}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is corrupt (not UTF-8 text)") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{what} {p} is truncated or corrupt (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -49,7 +50,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, Validat
 from evomerge.checkpoints.layers import layer_position
 from evomerge.config_util import format_validation_error
 from evomerge.errors import RecipeError
-from evomerge.merging.registry import MergeMethod, get_method, param_domain
+from evomerge.merging.registry import MergeMethod, ParamDomain, get_method, param_domain
 
 __all__ = [
     "DTYPES",
@@ -73,21 +74,43 @@ DTYPES: dict[str, torch.dtype] = {
 _SHAPE_HINT = "a number, true/false, a list of numbers, or a list of {filter, value} rules"
 
 
+# YAML 1.1 (PyYAML) reads ``1e-3`` and ``1e39`` as strings (its floats need a dot and a signed
+# exponent); YAML 1.2, JSON and mergekit's users mean numbers. Such strings are taken as numbers.
+_NUMBER_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)$")
+
+
+def _numeric_string(v: object) -> object:
+    """``v``, or the float an exponent-notation string like ``"1e-3"`` spells."""
+    if isinstance(v, str) and _NUMBER_RE.match(v.strip()):
+        return float(v.strip().replace("_", ""))
+    return v
+
+
 def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _to_float(v: object) -> float:
+    """A number as a float; ValueError for an integer too large for a float (10**400)."""
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError(f"{str(v)[:12]}... overflows float32") from None
+
+
 def _coerce_leaf(v: object) -> bool | float | tuple[float, ...]:
     """A rule value: a bool, a number or a non-empty list of numbers."""
+    v = _numeric_string(v)
     if isinstance(v, bool):
         return v
     if _is_number(v):
-        return float(v)  # type: ignore[arg-type]
+        return _to_float(v)
     if isinstance(v, list | tuple):
         if not v:
             raise ValueError("empty list")
+        v = [_numeric_string(x) for x in v]
         if all(_is_number(x) for x in v):
-            return tuple(float(x) for x in v)
+            return tuple(_to_float(x) for x in v)
         raise ValueError("a per-layer list must hold only numbers")
     raise ValueError(f"must be a number, true/false or a list of numbers, got {type(v).__name__}")
 
@@ -116,15 +139,17 @@ def _coerce_rule(rule: object, j: int) -> FilterRule:
 
 def _coerce_param_value(v: object) -> object:
     """Normalise a parameter value before pydantic checks its type (ints -> floats, lists -> tuples)."""
+    v = _numeric_string(v)
     if isinstance(v, bool):
         return v
     if _is_number(v):
-        return float(v)  # type: ignore[arg-type]
+        return _to_float(v)
     if isinstance(v, list | tuple):
         if not v:
             raise ValueError("empty list")
-        if all(_is_number(x) for x in v):
-            return tuple(float(x) for x in v)
+        if all(_is_number(_numeric_string(x)) for x in v):
+            v = [_numeric_string(x) for x in v]
+            return tuple(_to_float(x) for x in v)
         if all(isinstance(x, Mapping | FilterRule) for x in v):
             return tuple(_coerce_rule(x, j) for j, x in enumerate(v))
         raise ValueError("a list must hold only numbers or only {filter, value} rules")
@@ -209,6 +234,8 @@ class MergeRecipe(BaseModel):
             raise RecipeError("models: empty list; a recipe needs at least one model")
         if method.needs_base and not self.base_model:
             raise RecipeError(f"base_model: merge method {method.name!r} needs a base model")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise RecipeError(f"num_layers: must be positive, got {self.num_layers}")
         for i, entry in enumerate(self.models):
             if not entry.model:
                 raise RecipeError(f"models[{i}].model: empty path")
@@ -481,6 +508,18 @@ def _unknown_param(key: str, method: MergeMethod, known: Mapping[str, float]) ->
     return f"unknown parameter {key!r} for merge method {method.name!r}; known: {names}"
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _value_problem(domain: ParamDomain, value: bool | float) -> str | None:
+    """Why ``value`` is not allowed: outside the parameter's domain, not finite, or too large for the
+    float32 the kernels compute in (1e39 would become inf there)."""
+    problem = domain.problem(value)
+    if problem is None and not isinstance(value, bool) and abs(value) > _FLOAT32_MAX:
+        problem = f"{value:g} overflows float32 (largest magnitude {_FLOAT32_MAX:.4g})"
+    return problem
+
+
 def _check_domain(path: str, key: str, value: ParamValue) -> None:
     domain = param_domain(key)
 
@@ -489,11 +528,11 @@ def _check_domain(path: str, key: str, value: ParamValue) -> None:
             if domain.kind == "bool":
                 raise RecipeError(f"{p}: must be true or false, not a list")
             for j, x in enumerate(v):
-                problem = domain.problem(x)
+                problem = _value_problem(domain, x)
                 if problem:
                     raise RecipeError(f"{p}[{j}]: {problem}")
             return
-        problem = domain.problem(v)
+        problem = _value_problem(domain, v)
         if problem:
             raise RecipeError(f"{p}: {problem}")
 
