@@ -411,7 +411,14 @@ def search(
     """Run (or continue) a sweep; then compare the best recipe on the test split and export it."""
     from evomerge.config_util import validate_model
     from evomerge.evaluators.task_check import check_task_files
-    from evomerge.optimizer import LocalEvaluator, final_report, load_sweep_config, resolve_sweep, run_search
+    from evomerge.optimizer import (
+        LocalEvaluator,
+        final_report,
+        load_sweep_config,
+        resolve_sweep,
+        run_search,
+        verdict_line,
+    )
     from evomerge.optimizer.executors import LocalExecutor, make_executor
     from evomerge.optimizer.loop import check_held_out
     from evomerge.optimizer.study import complete_trials, pareto_front
@@ -477,11 +484,17 @@ def search(
             progress=update,
             materialize_progress=lambda d, t, name: update(f"materialize {name}", d, t),
         )
-    console.print(f"[bold]Best recipe[/] (trial {final.best_number}, dev mean {final.best_dev.mean:.3f}):")
-    console.print(Syntax(final.best_recipe.to_yaml(), "yaml"))
+    picked = "" if final.best_val is None else f", val mean {final.best_val:.3f} (picked on val)"
+    console.print(
+        f"[bold]Best recipe[/] (trial {final.best_number}, dev mean {final.best_dev.mean:.3f}{picked}):"
+    )
+    recipe_file = final.paths.get("best_recipe")
+    recipe_text = Path(recipe_file).read_text() if recipe_file else final.best_recipe.to_yaml()
+    console.print(Syntax(recipe_text, "yaml"))
     console.print(_rows_table("Held-out test split", tasks, [(r.name, r.scores, r.mean) for r in final.test]))
     for key, path in final.paths.items():
         console.print(f"{key}: {escape(str(path))}")
+    console.print(escape(verdict_line(final)))
     if cfg.fusion is not None:
         _fusion_stage(cfg, sweep, Path(final.paths.get("best_model", "")), config)
 
@@ -659,7 +672,7 @@ def report(
 ) -> None:
     """Score the base, the experts, uniform baselines and the best recipe on the test split; write
     report.md, results.json, best_recipe.yaml and the PNG plots (history, Pareto front, per-layer heatmap)."""
-    from evomerge.optimizer import LocalEvaluator, final_report
+    from evomerge.optimizer import LocalEvaluator, final_report, verdict_line
 
     info = _load_run(run_dir)
     sweep = _resolved_from_run(info)
@@ -681,6 +694,7 @@ def report(
     console.print(_rows_table("Held-out test split", tasks, [(r.name, r.scores, r.mean) for r in final.test]))
     for key, path in final.paths.items():
         console.print(f"{key}: {escape(str(path))}")
+    console.print(escape(verdict_line(final)))
 
 
 @app.command()

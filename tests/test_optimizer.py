@@ -62,6 +62,9 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def zoo_sweep(runs_dir: Path, zoo_cache: Path, study: str, **fields: Any) -> ResolvedSweep:
+    # no default seed recipes here: these tests place their own seeds first (the defaults, uniform task
+    # arithmetic and each expert, are tested in test_honest_pick.py); the pick on val is on by default
+    fields.setdefault("seed_recipes", ())
     cfg = SweepConfig(study_name=study, runs_dir=str(runs_dir), zoo="micro", **fields)
     return resolve_sweep(cfg, zoo_cache=zoo_cache)
 
@@ -97,9 +100,12 @@ class Reference:
         self.merger = InMemoryMerger(zoo.base, experts or list(zoo.experts.values()))
         self.backend = HFBackend.from_pretrained(zoo.base, batch_size=64)
 
-    def scores(self, recipe: MergeRecipe, split: str) -> dict[str, float]:
+    def scores(self, recipe: MergeRecipe, split: str, tasks: Any = None) -> dict[str, float]:
+        """Scores of the merged ``recipe`` on ``split`` of ``tasks`` (default: the zoo's own tasks, whose
+        dev split is whole; pass a sweep's tasks for its dev split, the rest after its val split)."""
         self.backend.load_state_dict(self.merger.merge(recipe))
-        return evaluate(self.backend, self.zoo.tasks, split, self.zoo.root).scores  # type: ignore[arg-type]
+        tasks = self.zoo.tasks if tasks is None else tasks
+        return evaluate(self.backend, tasks, split, self.zoo.root).scores  # type: ignore[arg-type]
 
     def model_scores(self, path: str, split: str) -> dict[str, float]:
         backend = HFBackend.from_pretrained(path, batch_size=64)
@@ -124,7 +130,10 @@ def test_search_records_complete_trials(short_search: Any, micro_zoo: Zoo, evalu
     num_layers = micro_zoo.config.num_layers
     space = SearchSpace(TIES_LAYER, micro_zoo.base, list(micro_zoo.experts.values()), num_layers)
     assert space.dimension == 2 * 3 * num_layers  # (weight, density) x experts x layers
-    dev_size = micro_zoo.config.dev_size
+    # the fitness questions: the zoo's dev subset less the val split held back for the pick
+    dev_size = len(load_split(sweep.tasks[0], "dev", sweep.data_dir))
+    val_size = len(load_split(sweep.tasks[0], "val", sweep.data_dir))
+    assert (dev_size, val_size) == (17, 7) and dev_size + val_size == micro_zoo.config.dev_size
     for t in trials:
         attrs = t.user_attrs
         assert set(attrs) >= {"recipe", "scores", "mean", "merge_seconds", "eval_seconds"}
@@ -134,7 +143,7 @@ def test_search_records_complete_trials(short_search: Any, micro_zoo: Zoo, evalu
         assert list(scores) == TASKS
         for s in scores.values():
             assert 0.0 <= s <= 1.0
-            assert s * dev_size == pytest.approx(round(s * dev_size), abs=1e-9)  # k correct of 24
+            assert s * dev_size == pytest.approx(round(s * dev_size), abs=1e-9)  # k correct of 17
         assert attrs["mean"] == pytest.approx(sum(scores.values()) / 3)
         assert t.value == pytest.approx(attrs["mean"])
         assert attrs["merge_seconds"] >= 0 and attrs["eval_seconds"] > 0
@@ -154,9 +163,10 @@ def test_search_records_complete_trials(short_search: Any, micro_zoo: Zoo, evalu
 
 
 def test_stored_scores_are_reproduced_independently(short_search: Any, reference: Reference) -> None:
-    _, study, _ = short_search
+    sweep, study, _ = short_search
     for t in study.get_trials()[:3]:
-        assert reference.scores(trial_recipe(t), "dev") == pytest.approx(t.user_attrs["scores"], abs=1e-12)
+        scores = reference.scores(trial_recipe(t), "dev", sweep.tasks)
+        assert scores == pytest.approx(t.user_attrs["scores"], abs=1e-12)
 
 
 def test_resume_continues_and_fails_stale_trials(
@@ -237,6 +247,7 @@ def nan_sweep(runs_dir: Path, micro_zoo: Zoo, nan_models: Any, study: str, **fie
         tasks=micro_zoo.tasks,
         sampler=SamplerConfig(name="random", seed=0),
         materialize_best=False,
+        seed_recipes=(),  # the uniform seed would use the NaN expert first
         **fields,
     )
     return resolve_sweep(cfg)
@@ -277,7 +288,8 @@ def test_failing_candidate_becomes_a_failed_trial(
     assert outcomes[0].mean is None
     # the failure did not leave its weights in the live model: the next candidate scores as it should
     ref = Reference(micro_zoo, nan_models[1])
-    assert ref.scores(trial_recipe(done), "dev") == pytest.approx(done.user_attrs["scores"], abs=1e-12)
+    scores = ref.scores(trial_recipe(done), "dev", sweep.tasks)
+    assert scores == pytest.approx(done.user_attrs["scores"], abs=1e-12)
     assert complete_trials(study) == [study.trials[1]]
     with pytest.raises(ConfigError, match="FAIL"):
         pick_trial(study, failed.number)
@@ -491,7 +503,12 @@ def test_final_report(
     progress: list[tuple[str, int, int]] = []
     report = final_report(sweep, evaluator, study, progress=lambda *a: progress.append(a))
     run_dir = sweep.config.run_dir()
-    best = max(complete_trials(study), key=lambda t: (t.user_attrs["mean"], -t.number))
+    dev_best = max(complete_trials(study), key=lambda t: (t.user_attrs["mean"], -t.number))
+    assert report.dev_best_number == dev_best.number
+    # the searched recipe is the pick: the best val mean among the (4 <= top_k) complete trials
+    assert report.pick is not None and {c.number for c in report.pick.candidates} == {0, 1, 2, 3}
+    best = study.trials[max(report.pick.candidates, key=lambda c: (c.val_mean, c.dev_mean, -c.number)).number]
+    assert best_trial(study).number == best.number
     recipe = trial_recipe(best)
     assert report.best_number == best.number
     assert report.best_recipe == recipe
@@ -632,8 +649,13 @@ def test_zoo_sweep_with_its_own_tasks_reads_them_next_to_the_yaml(
     sweep = resolve_sweep(load_sweep_config(path), zoo_cache=zoo_cache)
     assert [t.name for t in sweep.tasks] == ["mini"]
     assert sweep.base == micro_zoo.base
-    examples = load_split(sweep.tasks[0], "dev", sweep.data_dir)
-    assert [e.question for e in examples] == [json.loads(r)["question"] for r in rows]
+    # the sweep holds pick.val_fraction of the dev questions back as its val split: dev and val share
+    # the file's 6 questions
+    assert sweep.tasks[0].val_fraction == 0.3
+    dev = load_split(sweep.tasks[0], "dev", sweep.data_dir)
+    val = load_split(sweep.tasks[0], "val", sweep.data_dir)
+    assert (len(dev), len(val)) == (4, 2)
+    assert sorted(e.question for e in dev + val) == sorted(json.loads(r)["question"] for r in rows)
 
 
 # ------------------------------------------------------------------------------------ multi-fidelity
@@ -653,6 +675,7 @@ def test_multi_fidelity_prunes_a_bad_candidate_on_the_small_rung(
         sampler=SamplerConfig(name="random", seed=0),
         n_trials=3,
         fidelity=FidelityConfig(rungs=(6,), n_startup_trials=2),
+        pick=None,  # the whole dev split is fitness (the rung's 6 questions are those of the old test)
         # two sensible merges, then one that drowns the base in 4x task vectors, then sampled ones
         seed_genomes=({"weight": 0.3}, {"weight": 0.4}, {"weight": 4.0}),
     )
@@ -672,10 +695,10 @@ def test_multi_fidelity_prunes_a_bad_candidate_on_the_small_rung(
     recipe = trial_recipe(trials[0])
     ref = Reference(micro_zoo)
     ref.backend.load_state_dict(ref.merger.merge(recipe))
-    rung = evaluate(ref.backend, micro_zoo.tasks, "dev", micro_zoo.root, limit=6)  # type: ignore[arg-type]
+    rung = evaluate(ref.backend, sweep.tasks, "dev", micro_zoo.root, limit=6)  # type: ignore[arg-type]
     assert all(r.n == 6 for r in rung.tasks.values())
     assert trials[0].intermediate_values[6] == pytest.approx(rung.mean)
-    full = evaluate(ref.backend, micro_zoo.tasks, "dev", micro_zoo.root)  # type: ignore[arg-type]
+    full = evaluate(ref.backend, sweep.tasks, "dev", micro_zoo.root)  # type: ignore[arg-type]
     assert trials[0].value == pytest.approx(full.mean)
     assert bad.intermediate_values[6] < min(
         trials[0].intermediate_values[6], trials[1].intermediate_values[6]

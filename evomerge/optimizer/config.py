@@ -103,6 +103,25 @@ class ExecutorConfig(BaseModel):
         return self
 
 
+class PickConfig(BaseModel):
+    """The honest pick. The best of many noisy dev scores is biased upward (the winner's curse), so after
+    the search the ``top_k`` complete trials by dev mean (nsga2: the Pareto front's members, by dev mean)
+    are scored on the ``val`` split, questions the search never saw, and the best val mean is the pick
+    (ties: the better dev mean) that is exported, materialized and compared on test. Tasks without a
+    ``val`` file hold ``val_fraction`` of their dev questions back as val (the search scores the rest).
+    ``top_k: 0`` or ``pick: null`` turns it off: the whole dev split is fitness and the best dev trial is
+    the pick."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    top_k: int = Field(default=5, ge=0)
+    val_fraction: float = Field(default=0.3, gt=0.0, lt=1.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k > 0
+
+
 class SweepConfig(BaseModel):
     """One sweep. Either ``zoo`` (a zoo preset or zoo YAML that provides models and tasks) or both
     ``models`` and ``tasks`` must be given."""
@@ -122,14 +141,18 @@ class SweepConfig(BaseModel):
     # Known-good starting points, enqueued before the sampler takes over: a value per searched
     # parameter, the same for all layers (a scalar for all experts or a list with one per expert).
     seed_genomes: tuple[dict[str, float | list[float] | str], ...] = ()
-    # Known-good recipes enqueued first: ``uniform`` (weight 1/N each) and/or ``experts`` (each alone).
-    seed_recipes: tuple[Literal["uniform", "experts"], ...] = ()
+    # Known-good recipes enqueued first: ``uniform`` (weight 1/N each, and each of ``baseline_weights``:
+    # the report's uniform task-arithmetic baselines) and ``experts`` (each alone). On by default, so the
+    # search's candidates include what the report compares it with; ``[]`` turns them off.
+    seed_recipes: tuple[Literal["uniform", "experts"], ...] = ("uniform", "experts")
     # Weights of the uniform task-arithmetic baselines in the final report; 0 stands for 1/N.
     baseline_weights: tuple[float, ...] = (0.0, 1.0)
     materialize_best: bool = True
     backend: BackendConfig = Field(default_factory=BackendConfig)
     fidelity: FidelityConfig | None = None
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    pick: PickConfig | None = Field(default_factory=PickConfig)
+    """Choose among the top trials on the held-back ``val`` split (see :class:`PickConfig`); null: off."""
     # The heterogeneous fusion stage after the search (evomerge.fusion.FusionConfig, validated by the CLI
     # that runs it: the optimizer does not depend on fusion): distils other-architecture sources into
     # the materialized best model.
@@ -158,6 +181,10 @@ class SweepConfig(BaseModel):
     @property
     def multi_objective(self) -> bool:
         return self.sampler.name == "nsga2"
+
+    @property
+    def pick_enabled(self) -> bool:
+        return self.pick is not None and self.pick.enabled
 
     def run_dir(self) -> Path:
         return (Path(self.runs_dir) / self.study_name).resolve()

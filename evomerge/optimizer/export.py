@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import ConfigError, OutputExistsError
 from evomerge.merging import MergeRecipe, merge_streaming
-from evomerge.optimizer.study import best_trial
+from evomerge.optimizer.study import PICK_ATTR, best_trial, val_attr
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,20 @@ def load_study(storage: str, study_name: str) -> optuna.Study:
         raise ConfigError(f"no study {study_name!r} in {storage}") from None
 
 
+def val_note(study: optuna.Study, number: int) -> str:
+    """``, val mean X (picked on val)`` for the trial the study records as its pick, ``, val mean X`` for
+    another trial scored on val, else empty."""
+    record = study.user_attrs.get(val_attr(number))
+    if not isinstance(record, dict) or "mean" not in record:
+        return ""
+    pick = study.user_attrs.get(PICK_ATTR)
+    picked = isinstance(pick, dict) and pick.get("trial") == number
+    return f", val mean {float(record['mean']):.4f}" + (" (picked on val)" if picked else "")
+
+
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
-    """The chosen trial (must be complete), or the best one."""
+    """The chosen trial (must be complete), or the sweep's pick (:func:`best_trial`: the best val score
+    among the top dev trials once the final report has run, else the best dev trial)."""
     if number is None:
         return best_trial(study)
     trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
@@ -101,7 +113,7 @@ def export_trial(
         raise OutputExistsError(f"{materialize} exists; pass --overwrite to replace it")
     header = (
         f"# evomerge: study {study.study_name}, trial {chosen.number}, "
-        f"dev mean {float(chosen.user_attrs['mean']):.4f}\n"
+        f"dev mean {float(chosen.user_attrs['mean']):.4f}{val_note(study, chosen.number)}\n"
     )
     write_text_atomic(out, header + text, overwrite=overwrite)
     if materialize is not None:

@@ -8,10 +8,11 @@ memory, an exception in a kernel) becomes a FAILED trial with its error recorded
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from optuna.trial import TrialState
 from evomerge.checkpoints import ModelDir
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluators import EvalResult, HFBackend, QuestionRecord, TaskConfig, evaluate
-from evomerge.evaluators.tasks import Split, resolve_path
+from evomerge.evaluators.tasks import Split, load_split, resolve_path
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.optimizer.config import SweepConfig
 from evomerge.optimizer.executors import Executor, LocalExecutor, StepJob, StepResult, TrialWorker, WorkerDied
@@ -77,13 +78,42 @@ def resolve_sweep(
         zoo = build_zoo(config.zoo, zoo_cache, progress=zoo_progress)
         experts = tuple(zoo.experts.values())
         if config.tasks:  # the sweep's own tasks: data paths relative to the sweep YAML
-            return ResolvedSweep(config, zoo.base, experts, config.tasks, data_dir)
-        return ResolvedSweep(config, zoo.base, experts, zoo.tasks, zoo.root)
+            return ResolvedSweep(config, zoo.base, experts, with_val(config, config.tasks), data_dir)
+        return ResolvedSweep(config, zoo.base, experts, with_val(config, zoo.tasks), zoo.root)
     assert config.models is not None  # the config validator guarantees it
     root = Path(data_dir)  # joining an absolute path keeps it as it is
     base = str((root / config.models.base).resolve())
     experts = tuple(str((root / e).resolve()) for e in config.models.experts)
-    return ResolvedSweep(config, base, experts, config.tasks, data_dir)
+    return ResolvedSweep(config, base, experts, with_val(config, config.tasks), data_dir)
+
+
+def with_val(config: SweepConfig, tasks: Sequence[TaskConfig]) -> tuple[TaskConfig, ...]:
+    """The tasks with the pick's val split: a task without a ``val`` file or its own ``val_fraction``
+    holds ``pick.val_fraction`` of its dev questions back (lmeval tasks have no val split). The resolved
+    tasks are what ``sweep.json`` records, so a run's report reads the same split later."""
+    if config.pick is None or not config.pick.enabled:
+        return tuple(tasks)
+    fraction = config.pick.val_fraction
+    return tuple(
+        t
+        if t.kind == "lmeval" or "val" in t.data_files or "dev" not in t.data_files or t.val_fraction
+        else t.model_copy(update={"val_fraction": fraction})
+        for t in tasks
+    )
+
+
+def question_key(tasks: Sequence[TaskConfig], split: Split, data_dir: str) -> str:
+    """A digest naming the questions ``tasks`` ask on ``split`` (task names, weights and question ids,
+    or an lmeval task's spec): two runs scored the same questions when their keys are equal."""
+    parts: list[Any] = []
+    for task in tasks:
+        if task.kind == "lmeval":
+            assert task.lmeval is not None
+            parts.append([task.name, task.weight, task.lmeval.model_dump(mode="json"), task.size(split)])
+        elif task.has_split(split):
+            ids = [ex.id for ex in load_split(task, split, data_dir)]
+            parts.append([task.name, task.weight, ids])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def resolved_from_run(data: Mapping[str, Any]) -> ResolvedSweep:
@@ -129,6 +159,15 @@ class LocalEvaluator:
             )
         self.base_state = self.backend.state_dict()
 
+    def for_sweep(self, sweep: ResolvedSweep) -> LocalEvaluator:
+        """This evaluator (the same merger, live model and base weights) scoring ``sweep``'s tasks: an
+        evaluator made for one sweep serves another on the same models (e.g. with another val split)."""
+        if sweep.tasks == self.sweep.tasks and sweep.data_dir == self.sweep.data_dir:
+            return self
+        other = copy.copy(self)
+        other.sweep = sweep
+        return other
+
     def score_state(
         self,
         state: Mapping[str, torch.Tensor],
@@ -138,15 +177,17 @@ class LocalEvaluator:
         questions: int | None = None,
         memo: dict[tuple[str, str, str], QuestionRecord] | None = None,
         loaded: bool = False,
+        tasks: Sequence[TaskConfig] | None = None,
     ) -> EvalResult:
         """Load ``state`` into the live model (unless ``loaded``) and score it; ``questions`` keeps each
         task's first questions of its fixed nested order (a multi-fidelity rung); ``memo`` carries the
-        questions already scored on this state (see :func:`evaluate`)."""
+        questions already scored on this state (see :func:`evaluate`); ``tasks``: some of the sweep's
+        tasks (default: all)."""
         if not loaded:
             self.backend.load_state_dict(state)
         return evaluate(
             self.backend,  # type: ignore[arg-type]
-            self.sweep.tasks,
+            self.sweep.tasks if tasks is None else tasks,
             split,
             self.sweep.data_dir,
             progress=progress,
@@ -155,19 +196,31 @@ class LocalEvaluator:
         )
 
     def score_recipe(
-        self, recipe: MergeRecipe, split: Split, progress: EvalProgress | None = None
+        self,
+        recipe: MergeRecipe,
+        split: Split,
+        progress: EvalProgress | None = None,
+        *,
+        tasks: Sequence[TaskConfig] | None = None,
     ) -> tuple[EvalResult, float, float]:
         """(result, merge seconds, eval seconds)."""
         t0 = time.perf_counter()
         state = self.merger.merge(recipe)
         t1 = time.perf_counter()
-        result = self.score_state(state, split, progress)
+        result = self.score_state(state, split, progress, tasks=tasks)
         return result, t1 - t0, time.perf_counter() - t1
 
-    def score_model_dir(self, path: str, split: Split, progress: EvalProgress | None = None) -> EvalResult:
+    def score_model_dir(
+        self,
+        path: str,
+        split: Split,
+        progress: EvalProgress | None = None,
+        *,
+        tasks: Sequence[TaskConfig] | None = None,
+    ) -> EvalResult:
         with ModelDir(path) as md:
             state = {n: md.read(n).clone() for n in md.tensor_names()}
-        return self.score_state(state, split, progress)
+        return self.score_state(state, split, progress, tasks=tasks)
 
 
 def _one_line(err: BaseException) -> str:
@@ -183,6 +236,68 @@ def objective_values(config: SweepConfig, result: EvalResult) -> float | list[fl
 
 def build_space(sweep: ResolvedSweep, num_layers: int) -> SearchSpace:
     return SearchSpace(sweep.config.search_space, sweep.base, sweep.experts, num_layers)
+
+
+def seed_genomes(config: SweepConfig, space: SearchSpace) -> list[dict[str, Any]]:
+    """The genomes enqueued before the sampler takes over, each once, in order: ``seed_recipes`` (with
+    ``uniform``, also uniform weights at each of the report's ``baseline_weights``, so the search holds
+    the baselines it is compared with), then ``seed_genomes``."""
+    genomes: list[dict[str, Any]] = list(space.seed_genomes(config.seed_recipes))
+    params = space.config.params
+    if "uniform" in config.seed_recipes and any(p.name == "weight" for p in params):
+        for w in config.baseline_weights:
+            if w == 0:  # 1/N: the uniform seed itself
+                continue
+            values: dict[str, float | list[float] | str] = {}
+            for p in params:
+                if p.name == "weight":
+                    values[p.name] = w
+                elif p.name == "density":
+                    values[p.name] = 1.0
+                else:
+                    values[p.name] = (p.low * p.high) ** 0.5 if p.log else (p.low + p.high) / 2
+            genomes.append(space.uniform_genome(values))
+    genomes += [space.uniform_genome(values) for values in config.seed_genomes]
+    unique: list[dict[str, Any]] = []
+    for genome in genomes:
+        if genome not in unique:
+            unique.append(genome)
+    return unique
+
+
+SEEDED_ATTR = "seeded"
+DEV_KEY_ATTR = "dev_questions"
+
+
+def _seed_study(study: optuna.Study, seeds: Sequence[dict[str, Any]]) -> None:
+    """Enqueue the seeds into a new study, once. Under the study's lock; a process killed midway left
+    ``seeded: started``, and the next one enqueues the rest (``skip_if_exists``: none twice)."""
+    if study.trials and study.user_attrs.get(SEEDED_ATTR) != "started":
+        return
+    study.set_user_attr(SEEDED_ATTR, "started")
+    for genome in seeds:
+        study.enqueue_trial(genome, skip_if_exists=True)
+    study.set_user_attr(SEEDED_ATTR, "done")
+
+
+def _check_dev_questions(study: optuna.Study, sweep: ResolvedSweep) -> None:
+    """A study's fitness is on one fixed question set: record it (``dev_questions``) and refuse to go
+    on with another (tasks, ``dev_size``, seeds or ``pick.val_fraction`` changed)."""
+    key = question_key(sweep.tasks, "dev", sweep.data_dir)
+    recorded = study.user_attrs.get(DEV_KEY_ATTR)
+    name = study.study_name
+    if recorded is None:
+        if count_trials(study, TrialState.COMPLETE) and any(t.carves_val for t in sweep.tasks):
+            raise ConfigError(
+                f"study {name!r} was scored on the whole dev split (it predates val splits); continue it "
+                "with 'pick: null', or start a new study_name"
+            )
+        study.set_user_attr(DEV_KEY_ATTR, key)
+    elif recorded != key:
+        raise ConfigError(
+            f"study {name!r}: its trials were scored on other dev questions (tasks, dev_size, seed or "
+            "pick.val_fraction changed); use the settings it was started with, or a new study_name"
+        )
 
 
 def run_search(
@@ -201,12 +316,23 @@ def run_search(
     by a sweep process that died are failed and their candidates asked again first. Statistics of this
     session (trials per minute, worker idle fraction) go to ``RUN_DIR/search_stats.json``.
     """
-    if isinstance(executor, LocalEvaluator):
-        executor = LocalExecutor(sweep, TrialWorker.from_evaluator(executor))
+    if isinstance(executor, LocalEvaluator):  # it scores this sweep's tasks, whatever sweep it was made for
+        executor = LocalExecutor(sweep, TrialWorker.from_evaluator(executor.for_sweep(sweep)))
     check_held_out(sweep, allow_test_fitness=allow_test_fitness)
     config = sweep.config
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(config, [t.name for t in sweep.tasks], workers=executor.num_workers)
+    recover_stale_trials(study)
+    with ModelDir(sweep.base) as md:
+        num_layers = md.num_layers
+    space = build_space(sweep, num_layers)
+    seeds = seed_genomes(config, space)
+    with study_lock(study):  # sweeps started together on a new study: one of them seeds it
+        _check_dev_questions(study, sweep)
+        _seed_study(study, seeds)
+    # recorded once the study accepted this sweep: a refused resume (other dev questions) leaves the run's
+    # record, which `evomerge report` reads the tasks and their val split from, as it was
     write_text_atomic(
         run_dir / "sweep.json",
         json.dumps(
@@ -221,18 +347,6 @@ def run_search(
             indent=2,
         ),
     )
-    study = open_study(config, [t.name for t in sweep.tasks], workers=executor.num_workers)
-    recover_stale_trials(study)
-    with ModelDir(sweep.base) as md:
-        num_layers = md.num_layers
-    space = build_space(sweep, num_layers)
-    with study_lock(study):  # sweeps started together on a new study: one of them seeds it
-        if not study.trials:
-            seeds = space.seed_genomes(config.seed_recipes) + [
-                space.uniform_genome(values) for values in config.seed_genomes
-            ]
-            for genome in seeds:
-                study.enqueue_trial(genome, skip_if_exists=True)
     driver = _Driver(sweep, space, study, executor, on_trial, max_consecutive_failures)
     try:
         driver.run()
@@ -481,12 +595,31 @@ def _append_stats(path: Path, stats: dict[str, Any]) -> None:
 
 
 def check_held_out(sweep: ResolvedSweep, *, allow_test_fitness: bool = False) -> None:
-    """Refuse a sweep whose fitness (dev split) would read a file that some task uses as its test split.
+    """Refuse a sweep whose fitness (dev split) would read a file that some task uses as its test split,
+    or whose ``val`` file (the pick's held-back questions) is some task's dev or test file.
 
     One file named for both splits of the *same* task is fine: it is split in two disjoint halves. Any
     other overlap (a dev file that is another task's test file, or the same content under another
-    name) puts held-out questions into the fitness; ``allow_test_fitness`` accepts it on purpose.
+    name) puts held-out questions into the fitness; ``allow_test_fitness`` accepts it on purpose. A val
+    file the search saw (a dev file) or one that is a test file is always refused.
     """
+    val_files: dict[str, tuple[str, str]] = {}
+    for task in sweep.tasks:
+        if task.kind != "lmeval" and "val" in task.data_files:
+            path = resolve_path(task, "val", sweep.data_dir)
+            if path.is_file():
+                val_files[_digest(path)] = (task.name, str(path))
+    for task in sweep.tasks:
+        for split in ("dev", "test"):
+            if task.kind == "lmeval" or split not in task.data_files:
+                continue
+            path = resolve_path(task, split, sweep.data_dir)
+            owner = val_files.get(_digest(path)) if path.is_file() else None
+            if owner is not None:
+                raise ConfigError(
+                    f"task {owner[0]!r}: its val file {owner[1]} is the {split} split of task {task.name!r} "
+                    f"({path}); val questions must be unseen by the search and apart from test"
+                )
     if allow_test_fitness:
         return
     test_files: dict[str, tuple[str, str]] = {}  # content digest -> (task, path)

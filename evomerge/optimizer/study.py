@@ -330,12 +330,37 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
     ]
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial:
+PICK_ATTR = "pick"
+"""The study user attribute where the final report records its pick (see :func:`best_trial`)."""
+
+
+def val_attr(number: int) -> str:
+    """The study user attribute holding trial ``number``'s val scores (a finished trial's own attributes
+    cannot be written any more): ``{"scores", "mean", "key"}``, ``key`` naming the val questions."""
+    return f"val:{number}"
+
+
+def dev_best_trial(study: optuna.Study) -> FrozenTrial:
     """The complete trial with the highest weighted mean dev score (ties: the earliest)."""
     trials = complete_trials(study)
     if not trials:
         raise ConfigError(f"study {study.study_name!r} has no complete trial yet")
     return max(trials, key=lambda t: (float(t.user_attrs["mean"]), -t.number))
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial:
+    """The sweep's chosen trial: the final report's pick (the best val score among the top dev trials,
+    :mod:`evomerge.optimizer.pick`) while it is current (no trial completed since it was made), else the
+    complete trial with the highest weighted mean dev score (ties: the earliest)."""
+    trials = complete_trials(study)
+    if not trials:
+        raise ConfigError(f"study {study.study_name!r} has no complete trial yet")
+    pick = study.user_attrs.get(PICK_ATTR)
+    if isinstance(pick, dict) and pick.get("n_complete") == len(trials):
+        for t in trials:
+            if t.number == pick.get("trial"):
+                return t
+    return dev_best_trial(study)
 
 
 def pareto_front(trials: Sequence[FrozenTrial], tasks: Sequence[str]) -> list[FrozenTrial]:
