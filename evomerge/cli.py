@@ -16,7 +16,14 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -67,6 +74,24 @@ def _root(
     ] = False,
 ) -> None:
     """Search merge recipes for LLMs: merge, evaluate, search, export."""
+    _quiet_third_party()
+
+
+def _quiet_third_party() -> None:
+    """Silence what the user cannot act on: third-party deprecation warnings, transformers' advisory
+    log lines and its tqdm bars (our own progress replaces them; tqdm bars also garble a log file)."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "transformers" in sys.modules:  # already imported: its settings were read, set them directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 # -- checks before any work: outputs, run directories, studies ---------------------------------------
@@ -190,12 +215,20 @@ def _load_run_study(info: Any) -> Any:
 
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar; yields ``update(label, done, total)``."""
+    """A rich progress bar with an ETA on a terminal, plain lines at a steady interval elsewhere (CI, a
+    log file, ``ray job logs``: :mod:`evomerge.progress`); yields ``update(label, done, total)``."""
+    if not console.is_terminal:
+        from evomerge.progress import plain_progress
+
+        with plain_progress(description, console.file) as update:
+            yield update
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[label]}"),
         console=console,
         transient=False,
@@ -803,8 +836,6 @@ def _keep_freed_memory() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: one clear line and exit code 2 for user errors, never a traceback for them."""
-    # Our own rich progress bars replace transformers' tqdm bars.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # PyTorch's CPU allocator backs buffers of 2 MB and more with transparent huge pages when asked
     # (read once, at torch's first allocation): 13x fewer page faults for a merge (docs/benchmarks.md).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
