@@ -90,8 +90,8 @@ def _quiet_third_party() -> None:
     if "transformers" in sys.modules:  # already imported: its settings were read, set them directly
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 # -- checks before any work: outputs, run directories, studies ---------------------------------------
