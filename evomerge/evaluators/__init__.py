@@ -6,11 +6,14 @@ Fitness only ever uses the ``dev`` split of a task; ``test`` is for reports.
 from evomerge.evaluators.evaluate import EvalResult, Generator, QuestionRecord, TaskResult, evaluate
 from evomerge.evaluators.hf_backend import HFBackend, check_finite
 from evomerge.evaluators.sandbox import (
+    SandboxIsolation,
     SandboxLimits,
     SandboxResult,
+    SandboxUnavailableError,
     check_completion,
     load_humaneval,
     run_program,
+    sandbox_isolation,
 )
 from evomerge.evaluators.scoring import KINDS, extract_answer, score
 from evomerge.evaluators.tasks import Example, TaskConfig, load_split
@@ -22,8 +25,10 @@ __all__ = [
     "Generator",
     "HFBackend",
     "QuestionRecord",
+    "SandboxIsolation",
     "SandboxLimits",
     "SandboxResult",
+    "SandboxUnavailableError",
     "TaskConfig",
     "TaskResult",
     "check_completion",
@@ -33,5 +38,6 @@ __all__ = [
     "load_humaneval",
     "load_split",
     "run_program",
+    "sandbox_isolation",
     "score",
 ]
