@@ -5,20 +5,25 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import NANO
 from pydantic import ValidationError
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluators import load_split
 from evomerge.evaluators.tasks import resolve_path
 from evomerge.zoo import PRESETS, TASK_FAMILIES, Zoo, ZooConfig, build_zoo, default_cache_dir, find_zoo
-from evomerge.zoo.build import PROMPT, zoo_dir
+from evomerge.zoo.build import PROMPT, ZooGateError, zoo_dir
+from evomerge.zoo.gates import ZooGates, failures, task_vector_stats
 from evomerge.zoo.tasks import generate
 
 FAMILIES = sorted(TASK_FAMILIES)
@@ -98,7 +103,79 @@ def solve_logic(question: str) -> str:
     raise AssertionError(f"unrecognised logic question: {question!r}")
 
 
-SOLVERS = {"arith": solve_arith, "code": solve_code, "logic": solve_logic}
+def solve_arith1(question: str) -> str:
+    m = re.fullmatch(r"[A-Z][a-z]+ has (\d) [a-z]+\. (\w+) (\d)\. How many now\?", question)
+    assert m, question
+    total, verb, k = int(m.group(1)), m.group(2), int(m.group(3))
+    if verb in ("Gives", "Loses", "Sells"):
+        assert k <= total, question
+        return str(total - k)
+    assert verb in ("Gets", "Finds", "Buys"), question
+    return str(total + k)
+
+
+def solve_code1(question: str) -> str:
+    assert re.fullmatch(r"x = \[\d(,\d){2,4}\]; print\((len\(x\)|x\[0\]|x\[1\]|x\[-1\])\)", question), (
+        question
+    )
+    return solve_code(question)
+
+
+def solve_logic1(question: str) -> str:
+    m = re.fullmatch(r"(\w+) is (\w+) than (\w+)\. Who is (\w+)\?", question)
+    if m:
+        x, adj, y, asked = m.groups()
+        adjective, end = _SUPERLATIVES[asked]
+        assert adj == adjective and x != y, question
+        return x if end == "first" else y
+    # two comparisons in chain order: the first name is the top
+    m = re.fullmatch(r"(\w+) is (\w+) than (\w+)\. (\w+) is (\w+) than (\w+)\. Who is \w+\?", question)
+    assert m and m.group(3) == m.group(4), question
+    answer = solve_logic(question)
+    assert answer in (m.group(1), m.group(6)), question
+    return answer
+
+
+def solve_order(question: str) -> str:
+    m = re.fullmatch(r"(\w+) is (\w+) than (\w+)\. (\w+) is (\w+) than (\w+)\. Who is \w+\?", question)
+    assert m and m.group(1) == m.group(6), f"not against the chain: {question}"
+    return solve_logic(question)
+
+
+def _solve_story(question: str, n_events: int | None, lookups_only: bool) -> str:
+    """``x = [..]; NAME has EXPR ITEM. EVENTS How many now?``: the expression's value, then the events."""
+    m = re.fullmatch(
+        r"(x = \[\d(?:,\d){2,4}\]); [A-Z][a-z]+ has (\S+) [a-z]+\. (.*) How many now\?", question
+    )
+    assert m, question
+    lst, expr, events = m.groups()
+    if lookups_only:
+        assert expr in ("len(x)", "x[0]", "x[1]", "x[-1]"), question
+    total = int(solve_code(f"{lst}; print({expr})"))
+    found = re.findall(r"(\w+) (\d)\.", events)
+    assert len(found) == n_events if n_events is not None else len(found) in (1, 2), question
+    assert " ".join(f"{v} {k}." for v, k in found) == events, question
+    for verb, k in found:
+        if verb in ("Gives", "Loses", "Sells"):
+            assert int(k) <= total, question
+            total -= int(k)
+        else:
+            assert verb in ("Gets", "Finds", "Buys"), question
+            total += int(k)
+    return str(total)
+
+
+SOLVERS = {
+    "arith": solve_arith,
+    "code": solve_code,
+    "logic": solve_logic,
+    "arith1": solve_arith1,
+    "code1": solve_code1,
+    "logic1": solve_logic1,
+    "bridge": lambda q: _solve_story(q, 1, lookups_only=True),
+    "comp": lambda q: _solve_story(q, None, lookups_only=False),
+    "order": solve_order,
+}
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
@@ -374,3 +451,134 @@ def test_resolve_config_reads_a_yaml_file(tmp_path: Path) -> None:
     path.write_text("name: x\nhidden_size: 64\nnum_heads: 4\n")
     with pytest.raises(ConfigError, match=str(path)):
         resolve_config(str(path))
+
+
+# ------------------------------------------------------------------------------- gates
+NANO_FT = NANO.model_copy(
+    update={
+        "name": "nanoft",
+        "families": ("arith", "code"),
+        "base_families": ("arith1", "code1", "bridge"),
+        "held_out": ("comp",),
+    }
+)
+
+
+def _save_state(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    path.mkdir(parents=True)
+    save_file(state, str(path / "model.safetensors"))
+    return path
+
+
+def test_task_vector_figures_on_known_vectors(tmp_path: Path) -> None:
+    ones = {
+        "model.layers.0.w": torch.ones(4),
+        "model.layers.1.w": torch.ones(4),
+        "lm_head.weight": torch.ones(2),
+    }
+    e0 = torch.tensor([1.0, 0, 0, 0])
+    e1 = torch.tensor([0, 1.0, 0, 0])
+    base = _save_state(tmp_path / "base", ones)
+    a = _save_state(tmp_path / "a", {**ones, "model.layers.0.w": ones["model.layers.0.w"] + e0})
+    b = _save_state(tmp_path / "b", {**ones, "model.layers.1.w": ones["model.layers.1.w"] + e1})
+    c = _save_state(tmp_path / "c", {**ones, "model.layers.0.w": ones["model.layers.0.w"] - 2 * e0})
+    stats = task_vector_stats(base, {"a": a, "b": b, "c": c})
+    # |base| = sqrt(4 + 4 + 2); |tau_a| = 1, |tau_c| = 2
+    assert stats["norm_ratio"]["a"] == pytest.approx(1 / 10**0.5)
+    assert stats["norm_ratio"]["c"] == pytest.approx(2 / 10**0.5)
+    assert stats["layer_norm_ratio"]["a"] == pytest.approx({"layer 0": 0.5, "layer 1": 0.0, "lm_head": 0.0})
+    assert list(stats["layer_norm_ratio"]["b"]) == ["layer 0", "layer 1", "lm_head"]
+    assert stats["cosine"] == pytest.approx({"a/b": 0.0, "a/c": -1.0, "b/c": 0.0})
+    assert stats["profile_distance"] == pytest.approx({"a/b": 1.0, "a/c": 0.0, "b/c": 1.0})
+
+
+def test_gate_failures_name_each_figure() -> None:
+    figures = {
+        "norm_ratio": {"arith": 0.05, "code": 0.12},
+        "cosine": {"arith/code": 0.31},
+        "own_gain": {"arith": 0.2, "code": 0.1},
+        "other_loss": {"arith": 0.04, "code": 0.0},
+    }
+    missed = failures(figures, ZooGates())
+    assert missed == [
+        "task-vector norm ratio of code is 0.120 (gate < 0.1)",
+        "task-vector cosine arith/code is 0.310 (gate < 0.3)",
+        "expert code gains +0.100 on its own task over the base (gate >= +0.15)",
+        "expert arith loses 0.040 on another expert's task (gate <= 0.03)",
+    ]
+    relaxed = ZooGates(max_norm_ratio=0.2, max_cosine=0.5, min_own_gain=0.1, max_other_loss=0.05)
+    assert failures(figures, relaxed) == []
+
+
+def test_build_writes_scores_and_gate_figures(tmp_path: Path) -> None:
+    zoo = build_zoo(NANO_FT, tmp_path)
+    root = Path(zoo.root)
+    manifest = json.loads((root / "zoo.json").read_text())
+    assert [t.name for t in zoo.tasks] == ["arith", "code", "comp"]
+    assert sorted(zoo.experts) == ["arith", "code"]
+    # the held-out family has dev and test data but nothing trains on it; base-only families train only
+    assert not (root / "data" / "comp.train.jsonl").exists()
+    assert (root / "data" / "comp.test.jsonl").is_file()
+    assert not (root / "data" / "bridge.dev.jsonl").exists()
+    assert len(read_jsonl(root / "data" / "bridge.train.jsonl")) == NANO_FT.n_train
+    assert set(manifest["scores"]) == {"base", "arith", "code"}
+    for per_split in manifest["scores"].values():
+        for split in ("dev", "test"):
+            assert set(per_split[split]) == {"arith", "code", "comp"}
+            assert all(0.0 <= v <= 1.0 for v in per_split[split].values())
+    gates = manifest["gates"]
+    assert gates["enforced"] is False
+    assert set(gates["norm_ratio"]) == {"arith", "code"} and all(r > 0 for r in gates["norm_ratio"].values())
+    assert set(gates["cosine"]) == {"arith/code"}
+    assert list(gates["layer_norm_ratio"]["arith"]) == [
+        "embed",
+        "layer 0",
+        "layer 1",
+        "layer 2",
+        "layer 3",
+        "norm",
+        "lm_head",
+    ]
+    test = manifest["scores"]
+    assert gates["own_gain"]["code"] == pytest.approx(
+        test["code"]["test"]["code"] - test["base"]["test"]["code"]
+    )
+    # the figures are those of the saved models
+    again = task_vector_stats(zoo.base, zoo.experts)
+    assert again["norm_ratio"] == pytest.approx(gates["norm_ratio"])
+
+
+def test_a_build_that_misses_its_gates_fails_naming_the_figure(tmp_path: Path) -> None:
+    impossible = NANO_FT.model_copy(update={"gates": ZooGates(min_own_gain=1.0)})
+    with pytest.raises(ZooGateError, match=r"misses its gates: .*expert arith gains .* \(gate >= \+1\)"):
+        build_zoo(impossible, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_is_identical_whatever_the_thread_count(tmp_path: Path) -> None:
+    """The same config gives the same bytes and scores with 1 or 2 torch threads and another process's
+    OpenMP setting: training runs on ``threads`` (1) whatever the caller set."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = Path(build_zoo(NANO_FT, tmp_path / "a").root)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.get_num_threads() == previous
+    script = "import sys; from pathlib import Path; from conftest import NANO; from test_zoo import NANO_FT; "
+    script += "from evomerge.zoo import build_zoo; build_zoo(NANO_FT, Path(sys.argv[1]))"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "b")],
+        check=True,
+        env=env,
+        cwd=Path(__file__).parent,
+        capture_output=True,
+    )
+    b = Path(next((tmp_path / "b").iterdir()))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != "zoo.json")
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "zoo.json")
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    ma, mb = (json.loads((d / "zoo.json").read_text()) for d in (a, b))
+    assert ma["scores"] == mb["scores"] and ma["gates"] == mb["gates"]

@@ -32,14 +32,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.checkpoints.writer import atomic_dir
 from evomerge.errors import ConfigError
-from evomerge.evaluators import TaskConfig
+from evomerge.evaluators import HFBackend, TaskConfig, evaluate
+from evomerge.zoo.gates import ZooGates, failures, measure
 from evomerge.zoo.smollm2 import SMOLLM2_PRESETS, SmolLM2Config
-from evomerge.zoo.tasks import TASK_FAMILIES, generate, write_jsonl
+from evomerge.zoo.tasks import CAPACITY, TASK_FAMILIES, generate, write_jsonl
 from evomerge.zoo.tokenizer import train_tokenizer
 
 PROMPT = "Q: {question}\nA:"
 # Bump when task generators, tokenizer or training change: cached zoos are then rebuilt.
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 Progress = Callable[[str, int, int], None]
 
 
@@ -51,30 +52,47 @@ class ZooConfig(BaseModel):
     name: str = "tiny"
     seed: int = 0
     families: tuple[str, ...] = ("arith", "code", "logic")
-    hidden_size: int = 64
-    num_layers: int = 4
-    num_heads: int = 2
-    intermediate_size: int = 192
-    vocab_size: int = 384
-    n_train: int = 5000
-    n_dev: int = 200
-    n_test: int = 300
-    base_steps: int = 800
-    expert_steps: int = 400
-    batch_size: int = 64
-    base_lr: float = 2e-3
-    expert_lr: float = 1e-3
+    # What the base trains on; empty: the experts' own families (a base that already knows every task).
+    base_families: tuple[str, ...] = ()
+    # Families scored in every report but trained on by no model (the compositional ``comp``).
+    held_out: tuple[str, ...] = ()
+    hidden_size: int = Field(default=64, ge=1)
+    num_layers: int = Field(default=4, ge=1)
+    num_heads: int = Field(default=2, ge=1)
+    intermediate_size: int = Field(default=192, ge=1)
+    vocab_size: int = Field(default=384, ge=64)
+    n_train: int = Field(default=5000, ge=1)
+    n_dev: int = Field(default=200, ge=1)
+    n_test: int = Field(default=300, ge=1)
+    base_steps: int = Field(default=800, ge=1)
+    expert_steps: int = Field(default=400, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    base_lr: float = Field(default=2e-3, gt=0, allow_inf_nan=False)
+    expert_lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    # Share of an expert's fine-tuning rows replayed from the base's data (or, without base_families,
+    # from the other experts' families).
     replay: float = Field(default=0.3, ge=0.0, lt=1.0)
     dev_size: int = Field(default=200, ge=1)
     test_size: int = Field(default=300, ge=1)
+    # Weights the experts' fine-tuning leaves as they are (name prefixes), as LoRA-style fine-tunes leave
+    # the embeddings and the output head: there every fine-tune moves the same way (sharper logits).
+    expert_frozen: tuple[str, ...] = ()
+    # Torch threads while training: one thread makes the build bit-identical on any machine and load.
+    threads: int = Field(default=1, ge=1)
+    # Enforced build gates (None: the figures are still measured and written into zoo.json).
+    gates: ZooGates | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ZooConfig:
         if len(set(self.families)) != len(self.families):
             raise ValueError(f"families: duplicate family in {list(self.families)}")
-        for fam in self.families:
-            if fam not in TASK_FAMILIES:
-                raise ValueError(f"families: unknown task family {fam!r} (known: {', '.join(TASK_FAMILIES)})")
+        for field in ("families", "base_families", "held_out"):
+            for fam in getattr(self, field):
+                if fam not in TASK_FAMILIES:
+                    known = ", ".join(TASK_FAMILIES)
+                    raise ValueError(f"{field}: unknown task family {fam!r} (known: {known})")
+        if set(self.held_out) & set(self.families) or set(self.held_out) & set(self.base_families):
+            raise ValueError("held_out: a held-out family cannot be trained on")
         if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 32:
             raise ValueError("hidden_size / num_heads must be an integer >= 32 (vLLM needs head_dim >= 32)")
         if self.dev_size > self.n_dev or self.test_size > self.n_test:
@@ -92,7 +110,21 @@ AnyZooConfig = ZooConfig | SmolLM2Config
 """A tiny-zoo config (a Llama trained here) or a smollm2 one (a real base and LoRA experts)."""
 
 PRESETS: dict[str, ZooConfig] = {
-    "tiny": ZooConfig(),
+    # The demo's, tests' and benchmarks' zoo: a base that knows only the primitives of each skill (and
+    # how to carry a code value into a word problem), experts that are small fine-tunes of it, and a
+    # compositional family no model trains on. Its gates are enforced (docs/benchmarks.md, "zoo").
+    "tiny": ZooConfig(
+        families=("arith", "code", "order"),
+        base_families=("arith1", "code1", "logic1", "bridge"),
+        held_out=("comp",),
+        base_steps=1500,
+        expert_steps=400,
+        batch_size=32,
+        expert_lr=4.5e-4,
+        replay=0.3,
+        expert_frozen=("model.embed_tokens", "lm_head"),
+        gates=ZooGates(),
+    ),
     # A very small zoo for tests: same shapes of everything, a fraction of the training.
     "micro": ZooConfig(
         name="micro",
@@ -152,11 +184,9 @@ def resolve_config(spec: str | AnyZooConfig) -> AnyZooConfig:
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"zoo: {spec!r} is neither a preset ({', '.join(ALL_PRESETS)}) nor a YAML file")
-    import yaml
+    from evomerge.config_util import load_yaml, validate_model
 
-    from evomerge.config_util import validate_model
-
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path, what="zoo config") or {}
     kind: type[ZooConfig] | type[SmolLM2Config] = (
         SmolLM2Config if isinstance(data, dict) and "base_gguf" in data else ZooConfig
     )
@@ -204,11 +234,16 @@ def train(
     seed: int,
     pad_id: int,
     on_step: Callable[[int, float], None] | None = None,
+    frozen: Sequence[str] = (),
 ) -> float:
-    """AdamW with linear warm-up and cosine decay; returns the mean loss of the last 10% of steps."""
+    """AdamW with linear warm-up and cosine decay; returns the mean loss of the last 10% of steps.
+    Parameters whose names start with one of ``frozen`` are not trained."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    params = [p for n, p in model.named_parameters() if not n.startswith(tuple(frozen))]
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith(tuple(frozen)))
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
     warmup = max(1, steps // 20)
     tail: list[float] = []
@@ -221,7 +256,7 @@ def train(
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step >= steps * 0.9:
             tail.append(loss.item())
@@ -244,7 +279,10 @@ def build_zoo(
     force: bool = False,
     progress: Progress | None = None,
 ) -> Zoo:
-    """Build (or reuse) the zoo described by ``spec``; returns its manifest."""
+    """Build (or reuse) the zoo described by ``spec``; returns its manifest.
+
+    Raises ZooGateError, naming each figure, when the config has ``gates`` and the build misses one
+    (nothing is left behind)."""
     config = resolve_config(spec)
     if isinstance(config, SmolLM2Config):
         from evomerge.zoo.smollm2 import build_smollm2
@@ -255,15 +293,46 @@ def build_zoo(
         return existing
     t0 = time.perf_counter()
     with atomic_dir(root) as tmp:
-        _build_into(config, tmp, progress)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads)
+        try:
+            _build_into(config, tmp, progress)
+            tasks = _task_configs(config)
+            scores = _scores(config, tmp, tasks)
+        finally:
+            torch.set_num_threads(threads)
+        experts = {fam: str(tmp / "experts" / fam) for fam in config.families}
+        figures = measure(tmp / "base", experts, {k: v["test"] for k, v in scores.items()})
+        missed = failures(figures, config.gates) if config.gates is not None else []
+        if missed:
+            raise ZooGateError(f"zoo {config.name}: the build misses its gates: " + "; ".join(missed))
         manifest: dict[str, Any] = {
             "config": config.model_dump(mode="json"),
             "experts": {fam: f"experts/{fam}" for fam in config.families},
-            "tasks": [t.model_dump(mode="json") for t in _task_configs(config)],
+            "tasks": [t.model_dump(mode="json") for t in tasks],
             "build_seconds": round(time.perf_counter() - t0, 2),
+            "scores": scores,
+            "gates": {"enforced": config.gates is not None, **figures},
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
     return Zoo.load(root)
+
+
+class ZooGateError(ConfigError):
+    """A zoo build missed one of its gates (the message names each figure)."""
+
+
+def _scores(config: ZooConfig, root: Path, tasks: Sequence[TaskConfig]) -> dict[str, dict[str, Any]]:
+    """Dev and test scores of the base and of each expert on every task of the zoo."""
+    out: dict[str, dict[str, Any]] = {}
+    for label in ("base", *config.families):
+        path = root / "base" if label == "base" else root / "experts" / label
+        backend = HFBackend.from_pretrained(path, batch_size=256)
+        out[label] = {}
+        for split in ("dev", "test"):
+            result = evaluate(backend, tasks, split, root)
+            out[label][split] = {k: round(float(v), 4) for k, v in result.scores.items()}
+    return out
 
 
 def family_tasks(
@@ -296,7 +365,7 @@ def family_tasks(
 
 def _task_configs(config: ZooConfig) -> list[TaskConfig]:
     return family_tasks(
-        config.families,
+        [*config.families, *config.held_out],
         max_new_tokens=6,
         dev_size=config.dev_size,
         test_size=config.test_size,
@@ -304,24 +373,36 @@ def _task_configs(config: ZooConfig) -> list[TaskConfig]:
     )
 
 
-def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None:
-    # 1. data: disjoint train/dev/test per family.
+def _split_data(config: ZooConfig, out: Path) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """Disjoint train/dev/test per family, written under ``out/data`` (held-out families: no train;
+    base-only families: train only)."""
     splits: dict[str, dict[str, list[tuple[str, str]]]] = {}
-    for fam in config.families:
-        test = generate(fam, config.n_test, seed=config.seed * 1000 + 1)
-        dev = generate(fam, config.n_dev, seed=config.seed * 1000 + 2, exclude={q for q, _ in test})
-        held = {q for q, _ in test + dev}
-        train_ex = generate(fam, config.n_train, seed=config.seed * 1000 + 3, exclude=held)
+    evaluated = [*config.families, *config.held_out]
+    for fam in dict.fromkeys([*evaluated, *config.base_families]):
+        test, dev, train_ex = [], [], []
+        if fam in evaluated:
+            test = generate(fam, config.n_test, seed=config.seed * 1000 + 1)
+            dev = generate(fam, config.n_dev, seed=config.seed * 1000 + 2, exclude={q for q, _ in test})
+        if fam not in config.held_out:
+            n = min(config.n_train, CAPACITY.get(fam, config.n_train))
+            train_ex = generate(fam, n, seed=config.seed * 1000 + 3, exclude={q for q, _ in test + dev})
         splits[fam] = {"train": train_ex, "dev": dev, "test": test}
         for split, exs in splits[fam].items():
-            write_jsonl(out / "data" / f"{fam}.{split}.jsonl", fam, exs)
+            if exs:
+                write_jsonl(out / "data" / f"{fam}.{split}.jsonl", fam, exs)
+    return splits
+
+
+def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None:
+    # 1. data: disjoint train/dev/test per family.
+    splits = _split_data(config, out)
+    base_families = config.base_families or config.families
+    trained = list(dict.fromkeys([*base_families, *config.families]))
 
     # 2. tokenizer, trained on the training text only.
-    texts = [
-        PROMPT.format(question=q) + f" {a}\n" for fam in config.families for q, a in splits[fam]["train"]
-    ]
+    texts = [PROMPT.format(question=q) + f" {a}\n" for fam in trained for q, a in splits[fam]["train"]]
     tok = train_tokenizer(texts, vocab_size=config.vocab_size)
-    encoded = {fam: [_encode(tok, q, a) for q, a in splits[fam]["train"]] for fam in config.families}
+    encoded = {fam: [_encode(tok, q, a) for q, a in splits[fam]["train"]] for fam in trained}
     pad_id = int(tok.pad_token_id)
 
     # 3. base on the mix, then one expert per family.
@@ -352,7 +433,7 @@ def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None
 
         return on_step
 
-    mix = [row for fam in config.families for row in encoded[fam]]
+    mix = [row for fam in base_families for row in encoded[fam]]
     train(
         base,
         mix,
@@ -366,9 +447,13 @@ def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None
     _save_model(base, tok, out / "base")
     for i, fam in enumerate(config.families):
         expert = copy.deepcopy(base)
-        # Replay: a share of the other families' data keeps the expert from forgetting them, as real
-        # fine-tunes of a large base mostly do; the task vector is then a specialisation, not a rewrite.
-        others = [row for f in config.families if f != fam for row in encoded[f]]
+        # Replay: a share of the base's data (or of the other families') keeps the expert from forgetting
+        # what it knew, as real fine-tunes of a large base mostly do; the task vector is then a
+        # specialisation, not a rewrite.
+        if config.base_families:
+            others = [row for f in config.base_families for row in encoded[f]]
+        else:
+            others = [row for f in config.families if f != fam for row in encoded[f]]
         n_replay = min(len(others), round(len(encoded[fam]) * config.replay / (1 - config.replay)))
         replay_rows = random.Random(config.seed + 100 + i).sample(others, n_replay)
         train(
@@ -380,5 +465,6 @@ def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None
             seed=config.seed + 1 + i,
             pad_id=pad_id,
             on_step=stepper(f"expert {fam}"),
+            frozen=config.expert_frozen,
         )
         _save_model(expert, tok, out / "experts" / fam)
