@@ -38,3 +38,15 @@ class OutputExistsError(UserError):
 
 class EvaluationError(EvomergeError):
     """A candidate could not be evaluated (NaN weights, generation failure)."""
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: first line of the message``: an error as a failed trial or a dead worker records it."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the message (the type's name when there is none), to quote inside another one."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

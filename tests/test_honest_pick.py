@@ -35,9 +35,10 @@ from evomerge.optimizer import (
     trial_recipe,
     verdict_line,
 )
-from evomerge.optimizer.loop import build_space, check_held_out, seed_genomes
+from evomerge.optimizer.loop import build_space, seed_genomes
 from evomerge.optimizer.report import Row, difference_se, format_verdict, verdict_of
 from evomerge.optimizer.study import PICK_ATTR, open_study, pareto_front, val_attr
+from evomerge.optimizer.sweep import check_held_out
 from evomerge.search_spaces import ParamRange, SearchSpaceConfig
 from evomerge.zoo import Zoo
 

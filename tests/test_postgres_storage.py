@@ -26,8 +26,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.optimizer import SweepConfig, resolve_sweep, run_search
 from evomerge.optimizer import study as study_mod
+from evomerge.optimizer.evaluator import LocalEvaluator
 from evomerge.optimizer.export import load_run, load_study
-from evomerge.optimizer.loop import LocalEvaluator
 from evomerge.optimizer.study import Heartbeat, open_study, recover_stale_trials, study_lock
 from evomerge.search_spaces import ParamRange, SearchSpaceConfig
 from evomerge.zoo import Zoo

@@ -24,8 +24,8 @@ from optuna.trial import TrialState
 from evomerge.errors import ConfigError
 from evomerge.optimizer import ResolvedSweep, SamplerConfig, SweepConfig, resolve_sweep, run_search
 from evomerge.optimizer.config import ExecutorConfig
-from evomerge.optimizer.loop import check_held_out
 from evomerge.optimizer.study import candidate_params, open_study
+from evomerge.optimizer.sweep import check_held_out
 from evomerge.search_spaces import ParamRange, SearchSpaceConfig
 from evomerge.zoo import Zoo
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from evomerge.checkpoints.writer import DTYPES, ModelWriter
 from evomerge.errors import UserError
 
 __all__ = [
@@ -38,11 +39,6 @@ __all__ = [
 ]
 
 GGUF_MAGIC = b"GGUF"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 Say = Callable[[str], None]
 
 
@@ -174,8 +170,6 @@ def write_hf_dir(
     generation config and the tokenizer files (its chat template included) go along. OutputExistsError
     when ``out_dir`` exists and ``overwrite`` is false.
     """
-    from evomerge.checkpoints.writer import ModelWriter
-
     config: dict[str, Any] = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
@@ -209,8 +203,6 @@ def import_gguf(
     dtype of the written weights. GGUFError for a bad input, OutputExistsError for an existing output
     without ``overwrite``; nothing is left behind on failure.
     """
-    from evomerge.checkpoints.writer import ModelWriter
-
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise GGUFError(f"--dtype: unknown dtype {dtype!r} ({', '.join(DTYPES)})")

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from evomerge.checkpoints.layers import layer_index
-from evomerge.errors import CheckpointError
+from evomerge.errors import CheckpointError, first_line
 
 __all__ = [
     "INDEX_FILE",
@@ -102,11 +102,6 @@ class TensorInfo:
         return self.dtype in ("F64", "F32", "F16", "BF16") or self.dtype.startswith("F8")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 class ModelDir:
     """A Hugging Face model directory holding ``model.safetensors`` or an indexed set of shards.
 
@@ -143,7 +138,7 @@ class ModelDir:
         try:
             data = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{cfg_path}: unreadable config.json ({_one_line(exc)})") from None
+            raise CheckpointError(f"{cfg_path}: unreadable config.json ({first_line(exc)})") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{cfg_path}: config.json is not a JSON object")
         return data
@@ -153,7 +148,7 @@ class ModelDir:
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{index_path}: unreadable index ({_one_line(exc)})") from None
+            raise CheckpointError(f"{index_path}: unreadable index ({first_line(exc)})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: index has no weight_map")
@@ -205,7 +200,7 @@ class ModelDir:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: unreadable index ({_one_line(exc)})") from None
+                raise CheckpointError(f"{index}: unreadable index ({first_line(exc)})") from None
             return sorted(set(weight_map.values()))
         return sorted(f.name for f in self._path.iterdir() if f.suffix in PICKLE_SUFFIXES)
 
@@ -219,7 +214,7 @@ class ModelDir:
                 state = torch.load(full, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for bad or unsafe pickles
                 raise CheckpointError(
-                    f"{full}: cannot load pickle weights safely ({_one_line(exc)})"
+                    f"{full}: cannot load pickle weights safely ({first_line(exc)})"
                 ) from None
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
@@ -247,7 +242,7 @@ class ModelDir:
         try:
             handle = safe_open(str(full), framework="pt")
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{full}: corrupt safetensors file ({_one_line(exc)})") from None
+            raise CheckpointError(f"{full}: corrupt safetensors file ({first_line(exc)})") from None
         self._handles[file] = handle
         return handle
 

@@ -10,7 +10,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,11 +21,19 @@ from safetensors.torch import save_file
 from evomerge.checkpoints.model_dir import INDEX_FILE, TOKENIZER_FILES, safetensors_dtype_name
 from evomerge.errors import CheckpointError, OutputExistsError
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "EXTRA_FILES", "ModelWriter", "dtype_name", "shard_file_name"]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "DTYPES", "EXTRA_FILES", "ModelWriter", "dtype_name", "shard_file_name"]
 
 DEFAULT_MAX_SHARD_BYTES = 2**31
 EXTRA_FILES: tuple[str, ...] = ("generation_config.json",)
 """Non-tokenizer files copied from the tokenizer source as well."""
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""The dtypes a model is written in, by the name config.json uses (:func:`dtype_name` is the inverse)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -413,21 +421,3 @@ class _ShardStream:
                 break
         self.queue.put(_STOP)
         self.thread.join()
-
-
-@contextlib.contextmanager
-def atomic_dir(root: Path) -> Iterator[Path]:
-    """Build into a temporary sibling of ``root``; when the block succeeds it replaces ``root`` (files
-    made readable by all: mkdtemp creates 0700), when it fails it is removed: never a half output."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        yield tmp
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -3,8 +3,9 @@
 Fitness only ever uses the ``dev`` split of a task; ``test`` is for reports.
 """
 
-from evomerge.evaluators.evaluate import EvalResult, Generator, QuestionRecord, TaskResult, evaluate
+from evomerge.evaluators.evaluate import Generator, evaluate
 from evomerge.evaluators.hf_backend import HFBackend, check_finite
+from evomerge.evaluators.results import EvalResult, QuestionRecord, TaskResult
 from evomerge.evaluators.sandbox import (
     SandboxIsolation,
     SandboxLimits,

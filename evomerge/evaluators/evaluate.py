@@ -13,9 +13,9 @@ from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, computed_field
-
 from evomerge.errors import ConfigError, EvaluationError
+from evomerge.evaluators.lmeval_backend import run_lmeval
+from evomerge.evaluators.results import EvalResult, QuestionRecord, TaskResult
 from evomerge.evaluators.scoring import extract_answer, score
 from evomerge.evaluators.tasks import Example, Split, TaskConfig, load_fewshot, load_split
 
@@ -36,55 +36,6 @@ class Generator(Protocol):
         stop: list[str],
         progress: Callable[[int], None] | None = None,
     ) -> list[str]: ...
-
-
-class QuestionRecord(BaseModel):
-    """One scored question."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    prompt: str
-    completion: str
-    reference: str
-    extracted: str | None
-    score: float
-
-
-class TaskResult(BaseModel):
-    """The result of one task on one split; ``score`` is the mean of the question scores."""
-
-    model_config = ConfigDict(frozen=True)
-
-    task: str
-    split: Split
-    score: float
-    n: int
-    records: list[QuestionRecord]
-    seconds: float
-
-
-class EvalResult(BaseModel):
-    """The results of all tasks; ``mean`` is their mean weighted by task weight."""
-
-    model_config = ConfigDict(frozen=True)
-
-    split: Split
-    tasks: dict[str, TaskResult]
-    weights: dict[str, float]
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def mean(self) -> float:
-        total = sum(self.weights[name] for name in self.tasks)
-        if total <= 0:
-            return 0.0
-        return sum(self.weights[name] * result.score for name, result in self.tasks.items()) / total
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def scores(self) -> dict[str, float]:
-        return {name: result.score for name, result in self.tasks.items()}
 
 
 def _chat_prompts(backend: Generator, task: TaskConfig, prompts: list[str]) -> list[str]:
@@ -130,8 +81,6 @@ def evaluate(
     lmeval_results: dict[str, TaskResult] = {}
     for task in tasks:
         if task.kind == "lmeval":
-            from evomerge.evaluators.lmeval_backend import run_lmeval
-
             if split == "val":  # lm-eval names a dev and a test task only
                 raise ConfigError(f"task {task.name!r}: an lmeval task has no val split")
 

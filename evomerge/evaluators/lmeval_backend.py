@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, EvaluationError
+from evomerge.evaluators.results import QuestionRecord, TaskResult
 from evomerge.evaluators.tasks import Split, TaskConfig
 
 __all__ = ["run_lmeval"]
@@ -52,15 +53,13 @@ def _metric(results: dict[str, Any], wanted: str | None, task: str) -> tuple[str
     return name, float(values[name])
 
 
-def run_lmeval(backend: Any, task: TaskConfig, split: Split, base_dir: str | Path) -> Any:
-    """Score ``task`` (``kind: lmeval``) on ``split`` with the backend's live model; a ``TaskResult``.
+def run_lmeval(backend: Any, task: TaskConfig, split: Split, base_dir: str | Path) -> TaskResult:
+    """Score ``task`` (``kind: lmeval``) on ``split`` with the backend's live model.
 
     ``dev_size`` / ``test_size`` become lm-eval's ``limit``. ConfigError (one line) when lm-eval is not
     installed, the backend has no transformers model (lm-eval needs the ``hf`` backend), the task or the
     metric is unknown, or the split has no task.
     """
-    from evomerge.evaluators.evaluate import QuestionRecord, TaskResult
-
     spec = task.lmeval
     assert spec is not None
     name = spec.dev if split == "dev" else spec.test

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.checkpoints.writer import atomic_dir
+from evomerge.atomic_io import atomic_dir
 from evomerge.errors import CheckpointError, ConfigError, OutputExistsError
 
 Progress = Callable[[int, int, float], None]

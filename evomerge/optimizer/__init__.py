@@ -8,8 +8,9 @@ from evomerge.optimizer.config import (
     SweepConfig,
     load_sweep_config,
 )
+from evomerge.optimizer.evaluator import LocalEvaluator
 from evomerge.optimizer.export import export_trial, load_run, load_study, pick_trial, trial_recipe
-from evomerge.optimizer.loop import LocalEvaluator, ResolvedSweep, TrialOutcome, resolve_sweep, run_search
+from evomerge.optimizer.loop import TrialOutcome, run_search
 from evomerge.optimizer.pick import PickResult, honest_pick
 from evomerge.optimizer.report import FinalReport, Row, final_report, uniform_task_arithmetic, verdict_line
 from evomerge.optimizer.study import (
@@ -20,6 +21,7 @@ from evomerge.optimizer.study import (
     open_study,
     pareto_front,
 )
+from evomerge.optimizer.sweep import ResolvedSweep, resolve_sweep
 
 __all__ = [
     "BackendConfig",

@@ -21,13 +21,12 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from evomerge.errors import ConfigError, UserError
-
-if TYPE_CHECKING:
-    from evomerge.evaluators import QuestionRecord
-    from evomerge.optimizer.loop import ResolvedSweep
+from evomerge.errors import ConfigError, UserError, one_line
+from evomerge.evaluators import QuestionRecord
+from evomerge.optimizer.evaluator import LocalEvaluator
+from evomerge.optimizer.sweep import ResolvedSweep
 
 
 @dataclass(frozen=True)
@@ -66,25 +65,18 @@ class WorkerDied:
     """Which incarnation of the worker died (steps queued on it all report the same one)."""
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
-
-
 class TrialWorker:
     """One evaluator and the state of the trial it is working on (see the module docstring)."""
 
     def __init__(self, sweep: ResolvedSweep) -> None:
-        from evomerge.optimizer.loop import LocalEvaluator
-
         self.evaluator = LocalEvaluator(sweep)
         self._trial: int | None = None
         self._state: Any = None
         self._memo: dict[tuple[str, str, str], QuestionRecord] = {}
 
     @classmethod
-    def from_evaluator(cls, evaluator: Any) -> TrialWorker:
-        """A worker around an existing :class:`~evomerge.optimizer.loop.LocalEvaluator`."""
+    def from_evaluator(cls, evaluator: LocalEvaluator) -> TrialWorker:
+        """A worker around an existing :class:`~evomerge.optimizer.evaluator.LocalEvaluator`."""
         worker = cls.__new__(cls)
         worker.evaluator = evaluator
         worker._trial, worker._state, worker._memo = None, None, {}
@@ -127,7 +119,7 @@ class TrialWorker:
             self._trial, self._state, self._memo = None, None, {}
             return StepResult(
                 job.trial,
-                error=_one_line(err),
+                error=one_line(err),
                 user_error=isinstance(err, UserError),
                 started=started,
                 finished=time.time(),
@@ -215,7 +207,7 @@ class RayExecutor:
             try:
                 ray.init(**kwargs)
             except ConnectionError as err:
-                raise ConfigError(f"cannot join the Ray cluster at {address!r}: {_one_line(err)}") from None
+                raise ConfigError(f"cannot join the Ray cluster at {address!r}: {one_line(err)}") from None
             self._owns_ray = True
         self.sweep = sweep
         self.num_workers = num_workers
@@ -246,7 +238,7 @@ class RayExecutor:
         try:
             result: StepResult = ray.get(ref)
         except ray.exceptions.RayError as err:  # the actor died (killed, out of memory, a crash)
-            return worker, WorkerDied(trial, _one_line(err), generation)
+            return worker, WorkerDied(trial, one_line(err), generation)
         return worker, result
 
     def replace(self, worker: int, generation: int) -> None:

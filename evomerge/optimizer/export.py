@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.atomic_io import write_text_atomic
 from evomerge.errors import ConfigError, OutputExistsError
 from evomerge.merging import MergeRecipe, merge_streaming
 from evomerge.optimizer.study import PICK_ATTR, best_trial, val_attr
@@ -70,22 +69,6 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
 
 def trial_recipe(trial: FrozenTrial) -> MergeRecipe:
     return MergeRecipe.model_validate(trial.user_attrs["recipe"])
-
-
-def write_text_atomic(path: Path, text: str, *, overwrite: bool = True) -> None:
-    """Write to a temporary sibling and rename: readers never see a half file."""
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_trial(

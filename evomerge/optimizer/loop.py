@@ -8,28 +8,25 @@ memory, an exception in a kernel) becomes a FAILED trial with its error recorded
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
+from evomerge.atomic_io import write_text_atomic
 from evomerge.checkpoints import ModelDir
-from evomerge.errors import ConfigError, EvomergeError
-from evomerge.evaluators import EvalResult, HFBackend, QuestionRecord, TaskConfig, evaluate
-from evomerge.evaluators.tasks import Split, load_split, resolve_path
-from evomerge.merging import InMemoryMerger, MergeRecipe
+from evomerge.errors import ConfigError, EvomergeError, one_line
+from evomerge.evaluators import EvalResult
 from evomerge.optimizer.config import SweepConfig
+from evomerge.optimizer.evaluator import LocalEvaluator
 from evomerge.optimizer.executors import Executor, LocalExecutor, StepJob, StepResult, TrialWorker, WorkerDied
-from evomerge.optimizer.export import write_text_atomic
 from evomerge.optimizer.study import (
+    DEV_KEY_ATTR,
     RECOVERY_INTERVAL_S,
     Heartbeat,
     count_trials,
@@ -39,23 +36,10 @@ from evomerge.optimizer.study import (
     recover_stale_trials,
     study_lock,
 )
+from evomerge.optimizer.sweep import ResolvedSweep, check_held_out, question_key
 from evomerge.search_spaces import SearchSpace
 
 TrialCallback = Callable[[int, int, "TrialOutcome"], None]
-EvalProgress = Callable[[int, int], None]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ResolvedSweep:
-    """A sweep config with its models and tasks made concrete (a zoo resolved to paths)."""
-
-    config: SweepConfig
-    base: str
-    experts: tuple[str, ...]
-    tasks: tuple[TaskConfig, ...]
-    data_dir: str
 
 
 @dataclass(frozen=True)
@@ -65,167 +49,6 @@ class TrialOutcome:
     mean: float | None
     scores: dict[str, float]
     error: str | None
-
-
-def resolve_sweep(
-    config: SweepConfig, *, zoo_cache: Path | None = None, zoo_progress: Any = None
-) -> ResolvedSweep:
-    """Fill in models and tasks; a ``zoo`` sweep builds its zoo first if it is not cached."""
-    data_dir = config.data_dir or "."
-    if config.zoo is not None:
-        from evomerge.zoo import build_zoo
-
-        zoo = build_zoo(config.zoo, zoo_cache, progress=zoo_progress)
-        experts = tuple(zoo.experts.values())
-        if config.tasks:  # the sweep's own tasks: data paths relative to the sweep YAML
-            return ResolvedSweep(config, zoo.base, experts, with_val(config, config.tasks), data_dir)
-        return ResolvedSweep(config, zoo.base, experts, with_val(config, zoo.tasks), zoo.root)
-    assert config.models is not None  # the config validator guarantees it
-    root = Path(data_dir)  # joining an absolute path keeps it as it is
-    base = str((root / config.models.base).resolve())
-    experts = tuple(str((root / e).resolve()) for e in config.models.experts)
-    return ResolvedSweep(config, base, experts, with_val(config, config.tasks), data_dir)
-
-
-def with_val(config: SweepConfig, tasks: Sequence[TaskConfig]) -> tuple[TaskConfig, ...]:
-    """The tasks with the pick's val split: a task without a ``val`` file or its own ``val_fraction``
-    holds ``pick.val_fraction`` of its dev questions back (lmeval tasks have no val split). The resolved
-    tasks are what ``sweep.json`` records, so a run's report reads the same split later."""
-    if config.pick is None or not config.pick.enabled:
-        return tuple(tasks)
-    fraction = config.pick.val_fraction
-    return tuple(
-        t
-        if t.kind == "lmeval" or "val" in t.data_files or "dev" not in t.data_files or t.val_fraction
-        else t.model_copy(update={"val_fraction": fraction})
-        for t in tasks
-    )
-
-
-def question_key(tasks: Sequence[TaskConfig], split: Split, data_dir: str) -> str:
-    """A digest naming the questions ``tasks`` ask on ``split`` (task names, weights and question ids,
-    or an lmeval task's spec): two runs scored the same questions when their keys are equal."""
-    parts: list[Any] = []
-    for task in tasks:
-        if task.kind == "lmeval":
-            assert task.lmeval is not None
-            parts.append([task.name, task.weight, task.lmeval.model_dump(mode="json"), task.size(split)])
-        elif task.has_split(split):
-            ids = [ex.id for ex in load_split(task, split, data_dir)]
-            parts.append([task.name, task.weight, ids])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-
-def resolved_from_run(data: Mapping[str, Any]) -> ResolvedSweep:
-    """The sweep a run directory's ``sweep.json`` records (models and tasks as they were resolved)."""
-    from evomerge.config_util import validate_model
-
-    config = validate_model(SweepConfig, data["config"], where="sweep.json: config")
-    tasks = tuple(
-        validate_model(TaskConfig, t, where=f"sweep.json: tasks[{i}]") for i, t in enumerate(data["tasks"])
-    )
-    return ResolvedSweep(config, data["base"], tuple(data["experts"]), tasks, data["data_dir"])
-
-
-class LocalEvaluator:
-    """Holds the base + task vectors resident and one live model; scores recipes without disk I/O."""
-
-    def __init__(self, sweep: ResolvedSweep) -> None:
-        cfg = sweep.config.backend
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        self.sweep = sweep
-        self.merger = InMemoryMerger(
-            sweep.base,
-            sweep.experts,
-            device=cfg.merge_device or cfg.device,
-            dtype=_DTYPES[cfg.resident_dtype],
-        )
-        self.backend: Any
-        if cfg.kind == "vllm":
-            from evomerge.evaluators.vllm_backend import VLLMBackend
-
-            kv_bytes = None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * 2**30)
-            self.backend = VLLMBackend.from_pretrained(
-                sweep.base,
-                device=cfg.device,
-                dtype=_DTYPES[cfg.dtype],
-                batch_size=cfg.batch_size,
-                kv_cache_memory_bytes=kv_bytes,
-            )
-        else:
-            self.backend = HFBackend.from_pretrained(
-                sweep.base, device=cfg.device, dtype=_DTYPES[cfg.dtype], batch_size=cfg.batch_size
-            )
-        self.base_state = self.backend.state_dict()
-
-    def for_sweep(self, sweep: ResolvedSweep) -> LocalEvaluator:
-        """This evaluator (the same merger, live model and base weights) scoring ``sweep``'s tasks: an
-        evaluator made for one sweep serves another on the same models (e.g. with another val split)."""
-        if sweep.tasks == self.sweep.tasks and sweep.data_dir == self.sweep.data_dir:
-            return self
-        other = copy.copy(self)
-        other.sweep = sweep
-        return other
-
-    def score_state(
-        self,
-        state: Mapping[str, torch.Tensor],
-        split: Split,
-        progress: EvalProgress | None = None,
-        *,
-        questions: int | None = None,
-        memo: dict[tuple[str, str, str], QuestionRecord] | None = None,
-        loaded: bool = False,
-        tasks: Sequence[TaskConfig] | None = None,
-    ) -> EvalResult:
-        """Load ``state`` into the live model (unless ``loaded``) and score it; ``questions`` keeps each
-        task's first questions of its fixed nested order (a multi-fidelity rung); ``memo`` carries the
-        questions already scored on this state (see :func:`evaluate`); ``tasks``: some of the sweep's
-        tasks (default: all)."""
-        if not loaded:
-            self.backend.load_state_dict(state)
-        return evaluate(
-            self.backend,  # type: ignore[arg-type]
-            self.sweep.tasks if tasks is None else tasks,
-            split,
-            self.sweep.data_dir,
-            progress=progress,
-            limit=questions,
-            memo=memo,
-        )
-
-    def score_recipe(
-        self,
-        recipe: MergeRecipe,
-        split: Split,
-        progress: EvalProgress | None = None,
-        *,
-        tasks: Sequence[TaskConfig] | None = None,
-    ) -> tuple[EvalResult, float, float]:
-        """(result, merge seconds, eval seconds)."""
-        t0 = time.perf_counter()
-        state = self.merger.merge(recipe)
-        t1 = time.perf_counter()
-        result = self.score_state(state, split, progress, tasks=tasks)
-        return result, t1 - t0, time.perf_counter() - t1
-
-    def score_model_dir(
-        self,
-        path: str,
-        split: Split,
-        progress: EvalProgress | None = None,
-        *,
-        tasks: Sequence[TaskConfig] | None = None,
-    ) -> EvalResult:
-        with ModelDir(path) as md:
-            state = {n: md.read(n).clone() for n in md.tensor_names()}
-        return self.score_state(state, split, progress, tasks=tasks)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
 
 
 def objective_values(config: SweepConfig, result: EvalResult) -> float | list[float]:
@@ -248,15 +71,7 @@ def seed_genomes(config: SweepConfig, space: SearchSpace) -> list[dict[str, Any]
         for w in config.baseline_weights:
             if w == 0:  # 1/N: the uniform seed itself
                 continue
-            values: dict[str, float | list[float] | str] = {}
-            for p in params:
-                if p.name == "weight":
-                    values[p.name] = w
-                elif p.name == "density":
-                    values[p.name] = 1.0
-                else:
-                    values[p.name] = (p.low * p.high) ** 0.5 if p.log else (p.low + p.high) / 2
-            genomes.append(space.uniform_genome(values))
+            genomes.append(space.uniform_genome(space.seed_values(w)))
     genomes += [space.uniform_genome(values) for values in config.seed_genomes]
     unique: list[dict[str, Any]] = []
     for genome in genomes:
@@ -266,7 +81,6 @@ def seed_genomes(config: SweepConfig, space: SearchSpace) -> list[dict[str, Any]
 
 
 SEEDED_ATTR = "seeded"
-DEV_KEY_ATTR = "dev_questions"
 
 
 def _seed_study(study: optuna.Study, seeds: Sequence[dict[str, Any]]) -> None:
@@ -423,7 +237,7 @@ class _Driver:
         try:
             recipe = self.space.to_recipe(trial.params).to_dict()
         except EvomergeError as err:  # a genome the space cannot turn into a recipe: a failed trial
-            self._finish(trial, "FAIL", error=_one_line(err))
+            self._finish(trial, "FAIL", error=one_line(err))
             return
         trial.set_user_attr("recipe", recipe)
         a = _Active(trial, recipe, 0)
@@ -592,63 +406,3 @@ def _append_stats(path: Path, stats: dict[str, Any]) -> None:
             sessions = []
     sessions.append(stats)
     write_text_atomic(path, json.dumps(sessions, indent=2))
-
-
-def check_held_out(sweep: ResolvedSweep, *, allow_test_fitness: bool = False) -> None:
-    """Refuse a sweep whose fitness (dev split) would read a file that some task uses as its test split,
-    or whose ``val`` file (the pick's held-back questions) is some task's dev or test file.
-
-    One file named for both splits of the *same* task is fine: it is split in two disjoint halves. Any
-    other overlap (a dev file that is another task's test file, or the same content under another
-    name) puts held-out questions into the fitness; ``allow_test_fitness`` accepts it on purpose. A val
-    file the search saw (a dev file) or one that is a test file is always refused.
-    """
-    val_files: dict[str, tuple[str, str]] = {}
-    for task in sweep.tasks:
-        if task.kind != "lmeval" and "val" in task.data_files:
-            path = resolve_path(task, "val", sweep.data_dir)
-            if path.is_file():
-                val_files[_digest(path)] = (task.name, str(path))
-    for task in sweep.tasks:
-        for split in ("dev", "test"):
-            if task.kind == "lmeval" or split not in task.data_files:
-                continue
-            path = resolve_path(task, split, sweep.data_dir)
-            owner = val_files.get(_digest(path)) if path.is_file() else None
-            if owner is not None:
-                raise ConfigError(
-                    f"task {owner[0]!r}: its val file {owner[1]} is the {split} split of task {task.name!r} "
-                    f"({path}); val questions must be unseen by the search and apart from test"
-                )
-    if allow_test_fitness:
-        return
-    test_files: dict[str, tuple[str, str]] = {}  # content digest -> (task, path)
-    for task in sweep.tasks:
-        if task.kind == "lmeval" or "test" not in task.data_files:
-            continue
-        path = resolve_path(task, "test", sweep.data_dir)
-        if path.is_file():
-            test_files[_digest(path)] = (task.name, str(path))
-    for task in sweep.tasks:
-        if task.kind == "lmeval" or "dev" not in task.data_files:
-            continue
-        path = resolve_path(task, "dev", sweep.data_dir)
-        if not path.is_file():
-            continue
-        owner = test_files.get(_digest(path))
-        if owner is None:
-            continue
-        same_task_split = owner[0] == task.name and task.data_files.get("dev") == task.data_files.get("test")
-        if not same_task_split:
-            raise ConfigError(
-                f"task {task.name!r}: its dev file {path} is the test split of task {owner[0]!r} "
-                f"({owner[1]}); fitness must not see test questions (--allow-test-fitness overrides)"
-            )
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

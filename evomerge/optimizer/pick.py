@@ -22,9 +22,10 @@ import optuna
 from evomerge.errors import ConfigError
 from evomerge.evaluators import TaskConfig
 from evomerge.evaluators.tasks import load_split
+from evomerge.optimizer.evaluator import LocalEvaluator
 from evomerge.optimizer.export import trial_recipe
-from evomerge.optimizer.loop import DEV_KEY_ATTR, LocalEvaluator, ResolvedSweep, question_key
-from evomerge.optimizer.study import PICK_ATTR, complete_trials, pareto_front, val_attr
+from evomerge.optimizer.study import DEV_KEY_ATTR, PICK_ATTR, complete_trials, pareto_front, val_attr
+from evomerge.optimizer.sweep import ResolvedSweep, question_key
 
 StepProgress = Callable[[str, int, int], None]
 

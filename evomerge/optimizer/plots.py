@@ -15,8 +15,6 @@ written to a temporary sibling first and renamed into place (a reader never sees
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -30,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.atomic_io import atomic_file
 from evomerge.errors import ConfigError
 from evomerge.merging import FilterRule, MergeRecipe, ParamValue, resolve_params
 from evomerge.optimizer.export import trial_recipe
@@ -66,16 +65,8 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save_atomic(fig: Figure, path: Path) -> Path:
     """Render ``fig`` as PNG to a temporary sibling of ``path``, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=_DPI, facecolor="white")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb", suffix=".png") as f:
+        fig.savefig(f, format="png", dpi=_DPI, facecolor="white")
     return path
 
 

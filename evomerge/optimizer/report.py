@@ -21,14 +21,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.atomic_io import write_text_atomic
 from evomerge.evaluators import EvalResult
 from evomerge.evaluators.tasks import Split
 from evomerge.merging import MergeRecipe, merge_streaming
-from evomerge.optimizer.export import trial_recipe, write_text_atomic
-from evomerge.optimizer.loop import LocalEvaluator, ResolvedSweep
+from evomerge.optimizer.evaluator import LocalEvaluator
+from evomerge.optimizer.export import trial_recipe
 from evomerge.optimizer.pick import PickResult, honest_pick, skipped_reason, val_tasks
 from evomerge.optimizer.plots import write_report_plots
 from evomerge.optimizer.study import complete_trials, dev_best_trial, pareto_front
+from evomerge.optimizer.sweep import ResolvedSweep
 from evomerge.search_spaces import expert_aliases
 
 StepProgress = Callable[[str, int, int], None]

@@ -333,6 +333,10 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
 PICK_ATTR = "pick"
 """The study user attribute where the final report records its pick (see :func:`best_trial`)."""
 
+DEV_KEY_ATTR = "dev_questions"
+"""The study user attribute naming the dev questions its trials were scored on
+(:func:`evomerge.optimizer.sweep.question_key`): a resume with other questions is refused."""
+
 
 def val_attr(number: int) -> str:
     """The study user attribute holding trial ``number``'s val scores (a finished trial's own attributes

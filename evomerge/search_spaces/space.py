@@ -199,31 +199,34 @@ class SearchSpace:
             genome["method"] = method  # type: ignore[assignment]
         return genome
 
+    def seed_values(self, weight: float | list[float]) -> dict[str, float | list[float]]:
+        """The values of a seed genome (for :meth:`uniform_genome`): ``weight`` (one for all experts or
+        one per expert), density 1, any other parameter at the middle of its range (log scale: the
+        geometric middle)."""
+        out: dict[str, float | list[float]] = {}
+        for p in self.config.params:
+            if p.name == "weight":
+                out[p.name] = weight
+            elif p.name == "density":
+                out[p.name] = 1.0
+            else:
+                out[p.name] = (p.low * p.high) ** 0.5 if p.log else (p.low + p.high) / 2
+        return out
+
     def seed_genomes(self, kinds: Sequence[str]) -> list[dict[str, float]]:
         """Known-good starting points: ``uniform`` (every expert at weight 1/N, density 1: uniform task
         arithmetic, or its method's nearest equivalent) and ``experts`` (one genome per expert: weight 1
         for it, 0 for the others, density 1: the expert itself). Parameters other than weight and density
         start at the middle of their range; values are clipped into the bounds."""
         n = len(self.aliases)
-
-        def values(weights: list[float]) -> dict[str, float | list[float]]:
-            out: dict[str, float | list[float]] = {}
-            for p in self.config.params:
-                if p.name == "weight":
-                    out[p.name] = weights
-                elif p.name == "density":
-                    out[p.name] = 1.0
-                else:
-                    out[p.name] = (p.low * p.high) ** 0.5 if p.log else (p.low + p.high) / 2
-            return out
-
         genomes: list[dict[str, float]] = []
         for kind in kinds:
             if kind == "uniform":
-                genomes.append(self.uniform_genome(values([1.0 / n] * n)))
+                genomes.append(self.uniform_genome(self.seed_values([1.0 / n] * n)))
             elif kind == "experts":
                 genomes += [
-                    self.uniform_genome(values([1.0 if j == i else 0.0 for j in range(n)])) for i in range(n)
+                    self.uniform_genome(self.seed_values([1.0 if j == i else 0.0 for j in range(n)]))
+                    for i in range(n)
                 ]
             else:
                 raise ConfigError(f"seed_recipes: unknown kind {kind!r} (known: uniform, experts)")

@@ -43,11 +43,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from evomerge.checkpoints.writer import atomic_dir
+from evomerge.atomic_io import atomic_dir
 from evomerge.evaluators import HFBackend, TaskConfig, evaluate
-from evomerge.zoo.build import PROMPT, Progress, Zoo, _encode, _save_model, family_tasks, train
-from evomerge.zoo.tasks import TASK_FAMILIES, Example, Generator, write_jsonl
-from evomerge.zoo.tasks import generate as generate_zoo
+from evomerge.zoo.common import PROMPT, Progress, Zoo, family_tasks, read_examples, write_fusion
+from evomerge.zoo.tasks import HETERO_FAMILIES, Example, gen_sort, generate_examples, write_jsonl
+from evomerge.zoo.training import encode_row, save_model, train
 
 __all__ = [
     "FAMILY",
@@ -69,27 +69,6 @@ __all__ = [
 HETERO_VERSION = 1
 FAMILY = "sort"
 """The task family of the heterogeneous expert (none of the zoo's families)."""
-
-_LETTERS = "abcdefgh"
-
-
-def gen_sort(rng: random.Random) -> Example:
-    """Sort 3 to 5 distinct letters of a..h: ``Sort the letters: d a c b`` -> ``a b c d``."""
-    letters = rng.sample(_LETTERS, rng.randint(3, 5))
-    return "Sort the letters: " + " ".join(letters), " ".join(sorted(letters))
-
-
-HETERO_FAMILIES: dict[str, Generator] = {FAMILY: gen_sort}
-
-
-def generate_examples(family: str, n: int, seed: int, exclude: set[str] | None = None) -> list[Example]:
-    """``n`` distinct examples of ``family`` (a zoo family or a hetero one), seeded like the zoo's.
-
-    The same algorithm as :func:`evomerge.zoo.tasks.generate` (``random.Random(f"{family}:{seed}")``,
-    questions in ``exclude`` skipped), which serves the zoo's own families.
-    """
-    return generate_zoo(family, n, seed, exclude, families={**TASK_FAMILIES, **HETERO_FAMILIES})
-
 
 # -- tokenizer --------------------------------------------------------------------------------------
 
@@ -315,30 +294,6 @@ def _task_configs(config: HeteroConfig) -> list[TaskConfig]:
     )
 
 
-def _read_zoo_split(zoo: Zoo, family: str, split: str) -> list[Example]:
-    path = Path(zoo.root) / "data" / f"{family}.{split}.jsonl"
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [(r["question"], r["answer"]) for r in records]
-
-
-def _write_fusion(path: Path, blocks: list[tuple[str, list[Example]]], shuffle_seed: int | None) -> None:
-    """``{"id": "<family>-<i>", "instruction": question, "response": answer}`` per example.
-
-    The id is the example's id in its family's task file of the same split (``i`` its line there).
-    """
-    rows = [
-        {"id": f"{fam}-{i}", "instruction": q, "response": a}
-        for fam, exs in blocks
-        for i, (q, a) in enumerate(exs)
-    ]
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 def _build_into(zoo: Zoo, config: HeteroConfig, out: Path, progress: Progress | None) -> None:
     fam = config.family
     # 1. the new family: disjoint train/dev/test, seeded like the zoo's splits.
@@ -353,17 +308,19 @@ def _build_into(zoo: Zoo, config: HeteroConfig, out: Path, progress: Progress | 
     # the zoo's families: the zoo's own splits, so no zoo test question is ever trained on.
     zoo_families = list(zoo.config.families)
     for zf in zoo_families:
-        splits[zf] = {s: _read_zoo_split(zoo, zf, s) for s in ("train", "dev", "test")}
+        splits[zf] = {
+            s: read_examples(Path(zoo.root) / "data" / f"{zf}.{s}.jsonl") for s in ("train", "dev", "test")
+        }
     families = [fam, *zoo_families]
 
     # 2. fusion data: instruction = the zoo's question, response = the answer.
-    _write_fusion(
+    write_fusion(
         out / "fusion" / "train.jsonl",
         [(f, splits[f]["train"][: config.fusion_per_family]) for f in families],
         shuffle_seed=config.seed,
     )
     for split in ("dev", "test"):
-        _write_fusion(out / "fusion" / f"{split}.jsonl", [(f, splits[f][split]) for f in families], None)
+        write_fusion(out / "fusion" / f"{split}.jsonl", [(f, splits[f][split]) for f in families], None)
 
     # 3. tokenizer: on the training text of every family.
     texts = [PROMPT.format(question=q) + f" {a}\n" for f in families for q, a in splits[f]["train"]]
@@ -372,10 +329,10 @@ def _build_into(zoo: Zoo, config: HeteroConfig, out: Path, progress: Progress | 
     pad_id = int(tok.pad_token_id)
 
     # 4. GPT-2 on the new family plus a share of the zoo's families, in a fixed order.
-    rows = [_encode(tok, q, a) for q, a in train_ex]
+    rows = [encode_row(tok, q, a) for q, a in train_ex]
     others = [ex for zf in zoo_families for ex in splits[zf]["train"]]
     n_other = min(len(others), round(len(rows) * config.mix / (1 - config.mix)))
-    rows += [_encode(tok, q, a) for q, a in random.Random(config.seed + 7).sample(others, n_other)]
+    rows += [encode_row(tok, q, a) for q, a in random.Random(config.seed + 7).sample(others, n_other)]
     torch.manual_seed(config.seed)
     gpt2 = GPT2Config(
         vocab_size=len(tok),
@@ -403,7 +360,7 @@ def _build_into(zoo: Zoo, config: HeteroConfig, out: Path, progress: Progress | 
         pad_id=pad_id,
         on_step=on_step,
     )
-    _save_model(model, tok, out / "model")
+    save_model(model, tok, out / "model")
 
 
 def _measure(zoo: Zoo, out: Path, tasks: list[TaskConfig]) -> Scores:

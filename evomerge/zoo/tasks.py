@@ -184,6 +184,20 @@ TASK_FAMILIES: dict[str, Generator] = {
 }
 
 
+_LETTERS = "abcdefgh"
+
+
+def gen_sort(rng: random.Random) -> Example:
+    """Sort 3 to 5 distinct letters of a..h: ``Sort the letters: d a c b`` -> ``a b c d``."""
+    letters = rng.sample(_LETTERS, rng.randint(3, 5))
+    return "Sort the letters: " + " ".join(letters), " ".join(sorted(letters))
+
+
+HETERO_FAMILIES: dict[str, Generator] = {"sort": gen_sort}
+"""The heterogeneous experts' family (:mod:`evomerge.zoo.hetero`, :mod:`evomerge.zoo.smollm2`): a skill
+none of the zoo's own experts has."""
+
+
 CAPACITY: dict[str, int] = {"logic1": 3000, "order": 3000}
 """Families with few distinct questions (``logic1``: 4860, ``order``: 4320): at most this many train."""
 
@@ -213,6 +227,15 @@ def generate(
         seen.add(q)
         out.append((q, a))
     return out
+
+
+def generate_examples(family: str, n: int, seed: int, exclude: set[str] | None = None) -> list[Example]:
+    """``n`` distinct examples of ``family`` (a zoo family or a hetero one), seeded like the zoo's.
+
+    The same algorithm as :func:`generate` (``random.Random(f"{family}:{seed}")``, questions in
+    ``exclude`` skipped), which serves the zoo's own families.
+    """
+    return generate(family, n, seed, exclude, families={**TASK_FAMILIES, **HETERO_FAMILIES})
 
 
 def write_jsonl(path: Path, family: str, examples: Iterable[Example]) -> None:
