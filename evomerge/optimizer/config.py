@@ -33,6 +33,12 @@ class SamplerConfig(BaseModel):
     population_size: int | None = Field(default=None, ge=2)
     optimizer: str = "NGOpt"
     """For ``name: nevergrad``: the nevergrad optimizer (``CMA``, ``NGOpt``, ``TwoPointsDE``, ...)."""
+    start: Literal["best_seed", "center"] = "best_seed"
+    """For ``name: cmaes``: centre the first search distribution on the best complete trial (the best
+    seed recipe) or on the centre of the search space (Optuna's default)."""
+    sigma0: float | None = Field(default=None, gt=0.0, le=1.0)
+    """For ``name: cmaes``: the initial step size as a share of each parameter's range (default: 0.1 from
+    the best seed, Optuna's 1/6 from the centre)."""
 
 
 class FidelityConfig(BaseModel):

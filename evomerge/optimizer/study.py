@@ -56,12 +56,22 @@ def make_sampler(
 
         return NevergradSampler(cfg.optimizer, seed=cfg.seed, budget=budget, num_workers=workers)
     if cfg.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(
-            seed=cfg.seed,
-            n_startup_trials=cfg.n_startup_trials or 0,
-            popsize=cfg.population_size,
-            warn_independent_sampling=False,
-        )
+        kwargs: dict[str, Any] = {
+            "seed": cfg.seed,
+            "n_startup_trials": cfg.n_startup_trials or 0,
+            "popsize": cfg.population_size,
+            "warn_independent_sampling": False,
+        }
+        if cfg.start == "best_seed":
+            from evomerge.optimizer.cmaes_start import SeededCmaEsSampler
+
+            return SeededCmaEsSampler(sigma0=cfg.sigma0 if cfg.sigma0 is not None else 0.1, **kwargs)
+        plain = optuna.samplers.CmaEsSampler(**kwargs)
+        if cfg.sigma0 is not None:
+            plain._sigma0 = (
+                cfg.sigma0
+            )  # the argument is deprecated (Optuna 4.9), the attribute is what it sets
+        return plain
     if cfg.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=cfg.population_size or 12)
     return optuna.samplers.RandomSampler(seed=cfg.seed)
