@@ -123,7 +123,7 @@ def dashboard(
     if storage is None:
         if run_dir is None:
             raise ConfigError("give a run directory or --storage")
-        storage = _load_run(run_dir).storage
+        storage = _load_run(run_dir, full=False).storage
     _check_study_db(storage)  # optuna-dashboard would create an empty database
     exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
     if not Path(exe).exists():

@@ -10,28 +10,29 @@ from typing import Any
 from evomerge.errors import ConfigError
 
 
-def _load_run(run_dir: Path) -> Any:
+def _load_run(run_dir: Path, *, full: bool = True) -> Any:
     """``load_run`` (optimizer.export) after checking ``sweep.json``: a truncated or corrupt file is a
-    one-line error naming it."""
+    one-line error naming it. ``full=False`` (the dashboard) needs only the study's name and storage."""
     from evomerge.config_util import load_json
     from evomerge.optimizer import load_run
 
     meta = run_dir / "sweep.json"
     if meta.is_file():
         data = load_json(meta, what="run file")
-        problem = _sweep_json_problem(data)
+        problem = _sweep_json_problem(data, full=full)
         if problem is not None:
             raise ConfigError(f"run file {meta} is corrupt: {problem}")
     return load_run(run_dir)
 
 
-def _sweep_json_problem(data: Any) -> str | None:
+def _sweep_json_problem(data: Any, *, full: bool = True) -> str | None:
     if not isinstance(data, dict):
         return f"expected a JSON object, got {type(data).__name__}"
     config = data.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("study_name"), str):
         return "no 'config' with a 'study_name'"
-    for key, kind in (("storage", str), ("base", str), ("data_dir", str), ("experts", list), ("tasks", list)):
+    needed = (("storage", str), ("base", str), ("data_dir", str), ("experts", list), ("tasks", list))
+    for key, kind in needed if full else needed[:1]:
         if not isinstance(data.get(key), kind):
             return f"'{key}' is missing or not a {'string' if kind is str else 'list'}"
     return None
