@@ -325,7 +325,9 @@ def test_two_search_processes_share_one_study(
     assert [t.number for t in study.trials] == list(range(n_trials))
     assert_no_candidate_twice(complete)
     uniform = [t for t in complete if t.system_attrs.get("fixed_params")]
-    assert len(uniform) == 1  # the seed recipe was enqueued once, though both found an empty study
+    # the seed recipes (uniform task arithmetic at 1/N and at the report's other baseline weight, 1) were
+    # enqueued once each, though both processes found an empty study
+    assert len(uniform) == 2
     by_process = {p.pid: sum(owner_pid(t) == p.pid for t in complete) for p in procs}
     assert sum(by_process.values()) == n_trials
     assert all(n >= 1 for n in by_process.values()), by_process
