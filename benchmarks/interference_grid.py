@@ -3,8 +3,11 @@
 Usage (numbers in docs/benchmarks.md):
 
     .venv/bin/python benchmarks/interference_grid.py --preset tiny --cache-dir /tmp/zoo-bench
+    .venv/bin/python benchmarks/interference_grid.py --weights "0,0,1;0.3,0.3,1;1,1,1" --top 0
 
-Weights are given in the zoo's expert order (arith, code, logic). Prints the best recipes first.
+Weights are given in the zoo's expert order (``tiny``: arith, code, order). Prints the best recipes
+first (``--top 0``: every recipe, in the order given). ``--weights`` scores only those task-arithmetic
+weight vectors (``;`` between recipes).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--weights", default=None, help='task-arithmetic weight vectors, e.g. "0,0,1;1,1,1"')
     args = ap.parse_args()
 
     zoo = build_zoo(resolve_config(args.preset), args.cache_dir)
@@ -46,16 +50,24 @@ def main() -> None:
         return result.mean, result.scores
 
     rows: list[tuple[float, str, dict[str, float]]] = []
-    for ws in itertools.product([0.6, 1.0], [0.3, 0.6, 1.0], [0.3, 0.6, 1.0]):
-        mean, scores = score("task_arithmetic", ws, None)
-        rows.append((mean, f"task_arithmetic w={ws}", scores))
-    for ws in [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (1.0, 0.7, 0.7)]:
-        for d in (0.2, 0.3):
-            mean, scores = score("ties", ws, d)
-            rows.append((mean, f"ties w={ws} density={d}", scores))
-    rows.sort(key=lambda r: -r[0])
-    print(f"{len(rows)} recipes on the dev split of zoo {zoo.config.name}; best {args.top}:")
-    for mean, label, scores in rows[: args.top]:
+    if args.weights:
+        for text in args.weights.split(";"):
+            ws = tuple(float(w) for w in text.split(","))
+            mean, scores = score("task_arithmetic", ws, None)
+            rows.append((mean, f"task_arithmetic w={ws}", scores))
+    else:
+        for ws in itertools.product([0.6, 1.0], [0.3, 0.6, 1.0], [0.3, 0.6, 1.0]):
+            mean, scores = score("task_arithmetic", ws, None)
+            rows.append((mean, f"task_arithmetic w={ws}", scores))
+        for ws in [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (1.0, 0.7, 0.7)]:
+            for d in (0.2, 0.3):
+                mean, scores = score("ties", ws, d)
+                rows.append((mean, f"ties w={ws} density={d}", scores))
+    if args.top > 0:
+        rows.sort(key=lambda r: -r[0])
+    shown = rows[: args.top] if args.top > 0 else rows
+    print(f"{len(rows)} recipes on the dev split of zoo {zoo.config.name}:")
+    for mean, label, scores in shown:
         detail = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
         print(f"  {mean:.3f}  {label}  ({detail})")
 
