@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from evomerge.cli.checks import _check_output
 from evomerge.cli.display import _rows_table, console, progress_bar
+from evomerge.cli.report_output import print_final_report, run_final_report
 from evomerge.cli.run_dir import _check_study_db, _load_run, _load_run_study, _resolved_from_run
 from evomerge.errors import ConfigError
 
@@ -89,7 +90,7 @@ def report(
 ) -> None:
     """Score the base, the experts, uniform baselines and the best recipe on the test split; write
     report.md, results.json, best_recipe.yaml and the PNG plots (history, Pareto front, per-layer heatmap)."""
-    from evomerge.optimizer import LocalEvaluator, final_report, verdict_line
+    from evomerge.optimizer import LocalEvaluator
 
     info = _load_run(run_dir)
     sweep = _resolved_from_run(info)
@@ -98,20 +99,8 @@ def report(
     )
     study = _load_run_study(info)
     _check_output(sweep.config.run_dir(), "the run directory", directory=True)
-    evaluator = LocalEvaluator(sweep)
-    with progress_bar("report") as update:
-        final = final_report(
-            sweep,
-            evaluator,
-            study,
-            progress=update,
-            materialize_progress=lambda d, t, name: update(f"materialize {name}", d, t),
-        )
-    tasks = [t.name for t in sweep.tasks]
-    console.print(_rows_table("Held-out test split", tasks, [(r.name, r.scores, r.mean) for r in final.test]))
-    for key, path in final.paths.items():
-        console.print(f"{key}: {escape(str(path))}")
-    console.print(escape(verdict_line(final)))
+    final = run_final_report(sweep, LocalEvaluator(sweep), study)
+    print_final_report(final, [t.name for t in sweep.tasks], recipe=False)
 
 
 def dashboard(

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
-from rich.syntax import Syntax
 
 from evomerge.cli.checks import _check_output
 from evomerge.cli.display import _rows_table, console, progress_bar
 from evomerge.cli.fuse_command import _fusion_stage
+from evomerge.cli.report_output import print_final_report, run_final_report
 from evomerge.cli.run_dir import _sqlite_path
 
 
@@ -38,11 +37,9 @@ def search(
     from evomerge.evaluators.task_check import check_task_files
     from evomerge.optimizer import (
         LocalEvaluator,
-        final_report,
         load_sweep_config,
         resolve_sweep,
         run_search,
-        verdict_line,
     )
     from evomerge.optimizer.executors import LocalExecutor, make_executor
     from evomerge.optimizer.study import complete_trials, pareto_front
@@ -101,24 +98,7 @@ def search(
     if not report:
         return
     evaluator = pool.evaluator if isinstance(pool, LocalExecutor) else LocalEvaluator(sweep)
-    with progress_bar("report") as update:
-        final = final_report(
-            sweep,
-            evaluator,
-            study,
-            progress=update,
-            materialize_progress=lambda d, t, name: update(f"materialize {name}", d, t),
-        )
-    picked = "" if final.best_val is None else f", val mean {final.best_val:.3f} (picked on val)"
-    console.print(
-        f"[bold]Best recipe[/] (trial {final.best_number}, dev mean {final.best_dev.mean:.3f}{picked}):"
-    )
-    recipe_file = final.paths.get("best_recipe")
-    recipe_text = Path(recipe_file).read_text() if recipe_file else final.best_recipe.to_yaml()
-    console.print(Syntax(recipe_text, "yaml"))
-    console.print(_rows_table("Held-out test split", tasks, [(r.name, r.scores, r.mean) for r in final.test]))
-    for key, path in final.paths.items():
-        console.print(f"{key}: {escape(str(path))}")
-    console.print(escape(verdict_line(final)))
+    final = run_final_report(sweep, evaluator, study)
+    print_final_report(final, tasks)
     if cfg.fusion is not None:
         _fusion_stage(cfg, sweep, Path(final.paths.get("best_model", "")), config)
