@@ -448,9 +448,10 @@ def test_align_speed_300_tokens(local: dict[str, Any], smol: Any) -> None:
     for a, b in ((src, tgt), (rand_a, rand_b)):
         assert len(a) == len(b) == 300
         align(a, b)
-        t0 = time.perf_counter()
+        # CPU time of this process, not wall time: other jobs on the machine do not count
+        t0 = time.process_time()
         align(a, b)
-        assert time.perf_counter() - t0 < 0.5
+        assert time.process_time() - t0 < 0.5
 
 
 # ----------------------------------------------------------------------------------- vocabulary maps
@@ -548,9 +549,9 @@ def test_min_ed_is_the_true_minimum(local: dict[str, Any], smol: Any) -> None:
         exact = VocabMap.build(tok, smol, "exact")
         unknown = [i for i, s in enumerate(src) if s and exact.map(i) is None][:12]
         assert unknown, name
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU time: other jobs on the machine do not count
         got = vm.map_topk(torch.tensor(unknown)).tolist()
-        assert time.perf_counter() - t0 < 5.0
+        assert time.process_time() - t0 < 5.0
         dist = edit_distance_matrix([src[i] for i in unknown], cand_strings)
         for row, i in enumerate(unknown):
             keys = [

