@@ -51,22 +51,22 @@ def _events(rng: random.Random, start: int, n: int) -> tuple[list[str], int]:
     return parts, total
 
 
-def gen_arith(rng: random.Random) -> Example:
-    """A running count through two gain/loss events with single-digit amounts (answer in 0..27)."""
+def _word_problem(rng: random.Random, n_events: int) -> Example:
     name = rng.choice(_NAMES)
     item = rng.choice(_ITEMS)
     start = rng.randint(1, 9)
-    events, total = _events(rng, start, 2)
+    events, total = _events(rng, start, n_events)
     return " ".join([f"{name} has {start} {item}.", *events, "How many now?"]), str(total)
+
+
+def gen_arith(rng: random.Random) -> Example:
+    """A running count through two gain/loss events with single-digit amounts (answer in 0..27)."""
+    return _word_problem(rng, 2)
 
 
 def gen_arith1(rng: random.Random) -> Example:
     """The primitive of ``arith``: one gain/loss event (answer in 0..18)."""
-    name = rng.choice(_NAMES)
-    item = rng.choice(_ITEMS)
-    start = rng.randint(1, 9)
-    events, total = _events(rng, start, 1)
-    return " ".join([f"{name} has {start} {item}.", *events, "How many now?"]), str(total)
+    return _word_problem(rng, 1)
 
 
 CodeOp = tuple[str, Callable[[list[int]], int]]
