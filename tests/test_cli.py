@@ -356,6 +356,7 @@ def test_eval_prints_scores(split: str, home: Zoo, capsys: pytest.CaptureFixture
     rows = parse_score_rows(capsys.readouterr().out)
     result = evaluate(HFBackend.from_pretrained(model), home.tasks, split, home.root)  # type: ignore[arg-type]
     size = home.config.dev_size if split == "dev" else home.config.test_size
+    # the table prints scores with 3 decimals: half a unit of the last printed digit
     assert rows == {name: (pytest.approx(r.score, abs=5e-4), size) for name, r in result.tasks.items()}
 
 
@@ -463,7 +464,8 @@ def test_search_then_export(home: Zoo, tmp_path: Path, capsys: pytest.CaptureFix
     theirs = load_file(str(next((tmp_path / "mk-out").glob("*.safetensors"))))
     ours = InMemoryMerger(home.base, list(home.experts.values())).merge(recipe)
     for name, tensor in ours.items():
-        torch.testing.assert_close(tensor.float(), theirs[name].float(), rtol=1e-5, atol=1e-6)
+        eps = torch.finfo(torch.float32).eps  # float32 on both sides, another order of operations
+        torch.testing.assert_close(tensor.float(), theirs[name].float(), rtol=100 * eps, atol=10 * eps)
     capsys.readouterr()
     assert run(["export", run_dir, "-o", mk_file, "--overwrite", "--format", "safetensors"]) == 2
     assert_one_error_line(capsys.readouterr().err, "--format")

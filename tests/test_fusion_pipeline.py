@@ -91,7 +91,10 @@ def test_same_tokenizer_source_targets_are_its_own_distributions(
         top = torch.topk(logp[t - 1], ex.target_ids.shape[1])  # row t predicts token t from logits t-1
         assert ex.target_ids[t].tolist() == top.indices.tolist()
         expected = torch.softmax(top.values, -1)  # the top-k renormalised
-        torch.testing.assert_close(ex.target_probs[t].float(), expected, atol=1e-4, rtol=1e-4)
+        # the cache ran these rows in a right-padded float32 batch, this check one sequence alone: the same
+        # sums in another order through every layer, so float32 roundings, not bits, may differ
+        tol = 1000 * torch.finfo(torch.float32).eps
+        torch.testing.assert_close(ex.target_probs[t].float(), expected, atol=tol, rtol=tol)
 
 
 def test_other_tokenizer_source_is_aligned_and_distillation_moves_the_pivot_towards_it(
@@ -222,7 +225,8 @@ def test_linear_pairwise_merge_is_the_average_of_the_copies(micro_zoo: Zoo, tmp_
     out = {n: t for f in sorted(merged.glob("*.safetensors")) for n, t in load_file(str(f)).items()}
     assert set(out) == set(a)
     for name in a:
-        torch.testing.assert_close(out[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-6)
+        eps = torch.finfo(torch.float32).eps  # a weighted sum vs (a + b) / 2: a rounding or two apart
+        torch.testing.assert_close(out[name], (a[name] + b[name]) / 2, rtol=8 * eps, atol=8 * eps)
 
 
 def test_distillation_threads_apply_during_training_only(micro_zoo: Zoo, data: Path, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ from evomerge.optimizer import (
     trial_recipe,
     uniform_task_arithmetic,
 )
-from evomerge.optimizer.study import open_study
+from evomerge.optimizer.study import distinct_recipes, open_study
 from evomerge.search_spaces import ParamRange, SearchSpace, SearchSpaceConfig
 from evomerge.zoo import Zoo
 
@@ -212,6 +212,45 @@ def test_resume_continues_and_fails_stale_trials(
     # nothing left to do: no new trial
     again = run_search(second, evaluator)
     assert len(again.get_trials()) == 5
+
+
+def test_a_recipe_scored_before_is_not_evaluated_again(
+    runs_dir: Path, zoo_cache: Path, evaluator: LocalEvaluator
+) -> None:
+    """A sampler that asks for a scored recipe again (CMA-ES clipped at a bound) gets the earlier scores at
+    once: the trial records ``duplicate_of``, is never merged, and the pick counts the recipe once."""
+    fields: dict[str, Any] = {
+        "search_space": SearchSpaceConfig(method="ties", granularity="global"),
+        "sampler": SamplerConfig(name="random", seed=5),
+        "seed_genomes": (SEED_GENOME,),
+    }
+    first = zoo_sweep(runs_dir, zoo_cache, "repeat", n_trials=1, **fields)
+    run_search(first, evaluator)
+    storage = first.config.storage_url()
+    study = optuna.load_study(study_name="repeat", storage=storage)
+    original = study.trials[0]
+    assert "duplicate_of" not in original.user_attrs and "merge_seconds" in original.user_attrs
+    study.enqueue_trial(original.params)  # the sampler repeating itself, twice
+    study.enqueue_trial(original.params)
+
+    outcomes: list[TrialOutcome] = []
+    second = dataclasses.replace(first, config=first.config.model_copy(update={"n_trials": 4}))
+    study = run_search(second, evaluator, on_trial=lambda d, t, o: outcomes.append(o))
+    trials = trials_in(study, TrialState.COMPLETE)
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    for t in trials[1:3]:
+        assert t.user_attrs["duplicate_of"] == 0
+        assert t.user_attrs["recipe"] == original.user_attrs["recipe"]
+        assert t.user_attrs["scores"] == original.user_attrs["scores"]
+        assert t.value == original.value
+        assert "merge_seconds" not in t.user_attrs  # told at once, never merged or scored
+    assert "duplicate_of" not in trials[3].user_attrs  # a new candidate is evaluated as usual
+    assert trials[3].user_attrs["recipe"] != original.user_attrs["recipe"]
+    assert "merge_seconds" in trials[3].user_attrs
+    assert [(o.number, o.state, o.scores) for o in outcomes[:2]] == [
+        (n, "COMPLETE", original.user_attrs["scores"]) for n in (1, 2)
+    ]
+    assert [t.number for t in distinct_recipes(trials)] == [0, 3]
 
 
 def test_study_with_other_objective_count_is_refused(short_search: Any) -> None:

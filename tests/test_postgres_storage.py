@@ -5,6 +5,7 @@ SIGKILLed one's RUNNING trial is recovered by the survivor."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -77,10 +78,27 @@ def sweep_dict(runs: Path, study: str, storage: str, n_trials: int) -> dict[str,
 
 
 def assert_no_candidate_twice(complete: list[FrozenTrial]) -> None:
-    params = [tuple(sorted(t.params.items())) for t in complete]
-    assert len(set(params)) == len(params)
-    recipes = [json.dumps(t.user_attrs["recipe"], sort_keys=True) for t in complete]
-    assert len(set(recipes)) == len(recipes)
+    """No candidate was evaluated twice when it could have been known: a trial whose recipe an earlier
+    complete trial had scored is marked ``duplicate_of`` it, with its scores, and was not evaluated; two
+    evaluated trials share a recipe only when both ran at once (sampled identically by two processes)."""
+    by_number = {t.number: t for t in complete}
+    evaluated: dict[str, list[FrozenTrial]] = {}
+    for t in complete:
+        key = json.dumps(t.user_attrs["recipe"], sort_keys=True)
+        if "duplicate_of" in t.user_attrs:
+            original = by_number[t.user_attrs["duplicate_of"]]
+            assert json.dumps(original.user_attrs["recipe"], sort_keys=True) == key
+            assert "duplicate_of" not in original.user_attrs
+            assert (t.value, t.user_attrs["scores"]) == (original.value, original.user_attrs["scores"])
+            assert original.datetime_complete is not None and t.datetime_start is not None
+            assert original.datetime_complete <= t.datetime_start
+            assert "merge_seconds" not in t.user_attrs  # told at once, never merged
+        else:
+            evaluated.setdefault(key, []).append(t)
+    for same in evaluated.values():
+        for earlier, later in itertools.combinations(same, 2):
+            assert earlier.datetime_complete is not None and later.datetime_start is not None
+            assert later.datetime_start < earlier.datetime_complete  # they overlapped
 
 
 # ------------------------------------------------------------------------------------------ one sweep

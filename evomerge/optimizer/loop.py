@@ -4,6 +4,9 @@ The Optuna study is the single source of truth: every trial stores its recipe, p
 merge/eval seconds as user attributes, and ``evomerge search`` on an existing study continues it
 (trials left RUNNING by a crash are marked FAILED first). A candidate that fails (NaN weights, out of
 memory, an exception in a kernel) becomes a FAILED trial with its error recorded; the sweep goes on.
+A candidate whose recipe the study already scored (CMA-ES clipped at a bound, a sampler repeating
+itself) is not merged or scored again: its trial completes at once with the earlier trial's scores
+and records ``duplicate_of`` (scoring is deterministic, so a second evaluation would only cost time).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.atomic_io import write_text_atomic
 from evomerge.checkpoints import ModelDir
@@ -33,6 +36,7 @@ from evomerge.optimizer.study import (
     open_study,
     owner_id,
     quiet_heartbeat,
+    recipe_key,
     recover_stale_trials,
     study_lock,
 )
@@ -216,6 +220,8 @@ class _Driver:
         self.finished = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
         self.last_recovery = time.monotonic()
         self._heartbeat = Heartbeat(study, lambda: [a.trial for a in self._active()])
+        self._scored: dict[str, FrozenTrial] = {}  # recipe key -> the first complete trial with it
+        self._scored_seen: set[int] = set()
 
     def stop_heartbeat(self) -> None:
         self._heartbeat.stop()
@@ -240,9 +246,34 @@ class _Driver:
             self._finish(trial, "FAIL", error=one_line(err))
             return
         trial.set_user_attr("recipe", recipe)
+        original = self._scored_before(recipe)
+        if original is not None:
+            self._finish_duplicate(trial, original)
+            return
         a = _Active(trial, recipe, 0)
         self.slots[worker].append(a)
         self._submit(worker, a)
+
+    def _scored_before(self, recipe: dict[str, Any]) -> FrozenTrial | None:
+        """The earliest complete trial of the study (any process's) that scored this recipe, if any."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number in self._scored_seen:
+                continue
+            self._scored_seen.add(t.number)
+            if "recipe" not in t.user_attrs or "scores" not in t.user_attrs:
+                continue
+            key = recipe_key(t.user_attrs["recipe"])
+            if key not in self._scored or t.number < self._scored[key].number:
+                self._scored[key] = t
+        return self._scored.get(recipe_key(recipe))
+
+    def _finish_duplicate(self, trial: optuna.Trial, original: FrozenTrial) -> None:
+        scores = {k: float(v) for k, v in original.user_attrs["scores"].items()}
+        mean = float(original.user_attrs["mean"])
+        trial.set_user_attr("duplicate_of", original.number)
+        trial.set_user_attr("scores", scores)
+        trial.set_user_attr("mean", mean)
+        self._finish(trial, "COMPLETE", mean=mean, scores=scores)
 
     def _submit(self, worker: int, a: _Active) -> None:
         questions = self.rungs[a.rung] if a.rung < len(self.rungs) else None

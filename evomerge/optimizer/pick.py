@@ -24,7 +24,14 @@ from evomerge.evaluators import TaskConfig
 from evomerge.evaluators.tasks import load_split
 from evomerge.optimizer.evaluator import LocalEvaluator
 from evomerge.optimizer.export import trial_recipe
-from evomerge.optimizer.study import DEV_KEY_ATTR, PICK_ATTR, complete_trials, pareto_front, val_attr
+from evomerge.optimizer.study import (
+    DEV_KEY_ATTR,
+    PICK_ATTR,
+    complete_trials,
+    distinct_recipes,
+    pareto_front,
+    val_attr,
+)
 from evomerge.optimizer.sweep import ResolvedSweep, question_key
 
 StepProgress = Callable[[str, int, int], None]
@@ -103,7 +110,7 @@ def honest_pick(
             f"study {study.study_name!r} was searched on other dev questions than these tasks ask; their val "
             "split would not be held out of its fitness"
         )
-    trials = complete_trials(study)
+    trials = distinct_recipes(complete_trials(study))  # a recipe scored twice takes one place
     pool = pareto_front(trials, tasks) if config.multi_objective else trials
     ranked = sorted(pool, key=lambda t: (-float(t.user_attrs["mean"]), t.number))[: config.pick.top_k]
     if not ranked:

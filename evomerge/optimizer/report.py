@@ -321,8 +321,15 @@ def final_report(
             test_rows[i] = dataclasses.replace(test_rows[i], val_mean=float(val.mean))
         test_rows[-1] = dataclasses.replace(test_rows[-1], val_mean=pick.candidate(best.number).val_mean)
 
-    merge_s = [float(t.user_attrs.get("merge_seconds", 0.0)) for t in trials]
-    eval_s = [float(t.user_attrs.get("eval_seconds", 0.0)) for t in trials]
+    evaluated = [t for t in trials if "merge_seconds" in t.user_attrs]  # not the repeats (duplicate_of)
+    merge_s = [float(t.user_attrs["merge_seconds"]) for t in evaluated]
+    eval_s = [float(t.user_attrs.get("eval_seconds", 0.0)) for t in evaluated]
+    repeats = sum("duplicate_of" in t.user_attrs for t in trials)
+    if repeats:
+        notes.append(
+            f"{repeats} complete trial{'s' if repeats > 1 else ''} asked for a recipe the study had scored "
+            "already and took its scores without being evaluated again (user attribute duplicate_of)"
+        )
     report = FinalReport(
         study_name=config.study_name,
         tasks=tasks,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import socket
@@ -338,6 +339,19 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "scores" in t.user_attrs
     ]
+
+
+def recipe_key(recipe: dict[str, Any]) -> str:
+    """Equal for equal recipes (a trial's ``recipe`` attribute)."""
+    return json.dumps(recipe, sort_keys=True)
+
+
+def distinct_recipes(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """``trials`` with each recipe once: its earliest trial (the later ones scored the same candidate)."""
+    first: dict[str, FrozenTrial] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        first.setdefault(recipe_key(t.user_attrs.get("recipe", {"trial": t.number})), t)
+    return [t for t in trials if first.get(recipe_key(t.user_attrs.get("recipe", {"trial": t.number}))) is t]
 
 
 PICK_ATTR = "pick"
