@@ -169,6 +169,45 @@ def test_stored_scores_are_reproduced_independently(short_search: Any, reference
         assert scores == pytest.approx(t.user_attrs["scores"], abs=1e-12)
 
 
+def test_a_searched_global_parameter_is_a_gene_of_the_sweep(
+    runs_dir: Path, zoo_cache: Path, evaluator: LocalEvaluator, reference: Reference
+) -> None:
+    """``global_params``: lambda is sampled per trial, reaches the recipe, and the merge scored is that
+    recipe's (an independent merger and model give the same dev scores; lambda moves them)."""
+    space_cfg = SearchSpaceConfig(
+        method="task_arithmetic",
+        params=(ParamRange(name="weight", low=0.2, high=1.0),),
+        global_params=(ParamRange(name="lambda", low=0.3, high=3.0),),
+        granularity="global",
+    )
+    sweep = zoo_sweep(
+        runs_dir,
+        zoo_cache,
+        "global-genes",
+        search_space=space_cfg,
+        sampler=SamplerConfig(name="random", seed=2),
+        n_trials=3,
+        seed_genomes=({"weight": 1.0, "lambda": 3.0},),
+    )
+    study = run_search(sweep, evaluator)
+    trials = trials_in(study, TrialState.COMPLETE)
+    assert len(trials) == 3
+    lambdas = [t.params["(global).lambda.g0"] for t in trials]
+    assert lambdas[0] == 3.0 and len(set(lambdas)) == 3
+    for t, lam in zip(trials, lambdas, strict=True):
+        recipe = trial_recipe(t)
+        assert recipe.parameters["lambda"] == pytest.approx(lam, abs=1e-6)
+        assert reference.scores(recipe, "dev", sweep.tasks) == pytest.approx(
+            t.user_attrs["scores"], abs=1e-12
+        )
+    # the same weights at lambda 1 merge another model (lambda is not dropped on the way)
+    scaled = trial_recipe(trials[0])
+    plain = scaled.model_copy(update={"parameters": {**scaled.parameters, "lambda": 1.0}})
+    merged = reference.merger.merge(scaled)
+    unscaled = reference.merger.merge(plain)
+    assert any(not torch.equal(merged[k], unscaled[k]) for k in merged)
+
+
 def test_resume_continues_and_fails_stale_trials(
     runs_dir: Path, zoo_cache: Path, evaluator: LocalEvaluator
 ) -> None:

@@ -332,6 +332,34 @@ def test_param_range_accepts_edge_bounds() -> None:
             "lambda",
         ),
         ({"method": "slerp"}, "slerp"),
+        ({"method": "slerp", "params": []}, "nothing to search"),
+        ({"method": "ties", "global_params": [{"name": "t", "low": 0, "high": 1}]}, "no parameter 't'"),
+        ({"method": "ties", "global_params": [{"name": "normalize", "low": 0, "high": 1}]}, "true or false"),
+        ({"method": "slerp", "params": [], "global_params": [{"name": "t", "low": 0.2, "high": 1.5}]}, "1.5"),
+        (
+            {"method": "sce", "params": [], "global_params": [{"name": "select_topk", "low": 0, "high": 1}]},
+            "select_topk: bound 0",
+        ),
+        (
+            {
+                "method": "task_arithmetic",
+                "params": [],
+                "global_params": [{"name": "lambda", "low": 0.5, "high": 2}],
+                "global_parameters": {"lambda": 1.0},
+            },
+            "both searched",
+        ),
+        (
+            {
+                "method": "task_arithmetic",
+                "params": [],
+                "global_params": [
+                    {"name": "lambda", "low": 0, "high": 1},
+                    {"name": "lambda", "low": 0, "high": 2},
+                ],
+            },
+            "duplicate",
+        ),
         ({"method": "ties", "group_size": 0}, "group_size"),
         ({"method": "ties", "granularity": "per_tensor"}, "granularity"),
         ({"method": "ties", "bogus": 1}, "bogus"),
@@ -341,6 +369,82 @@ def test_search_space_config_rejects_bad_input(data: dict[str, Any], message: st
     with pytest.raises(ConfigError, match=message) as info:
         validate_model(SearchSpaceConfig, data, where="search_space")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("granularity", ["global", "layer_group", "layer", "control_points"])
+def test_searched_global_parameter_reaches_every_layer_of_the_recipe(granularity: str) -> None:
+    """``global_params``: one shared gene per layer group, written into the recipe's top-level parameters
+    and resolved per layer like any per-layer list."""
+    num_layers = 5
+    sp = space(
+        num_layers,
+        method="task_arithmetic",
+        params=(ParamRange(name="weight", low=0.0, high=1.5),),
+        global_params=(ParamRange(name="lambda", low=0.5, high=2.0),),
+        granularity=granularity,
+        group_size=2,
+        control_points=3,
+    )
+    dists = sp.distributions()
+    lam = [k for k in dists if k.startswith("(global).")]
+    assert lam == [f"(global).lambda.g{g}" for g in range(sp.num_groups)]
+    assert all(dists[k] == FloatDistribution(0.5, 2.0) for k in lam)
+    assert sp.dimension == len(dists) == (len(EXPERTS) + 1) * sp.num_groups
+    genome = distinct_genome(sp, seed=3)
+    recipe = sp.to_recipe(genome)
+    points = [genome[k] for k in lam]
+    for layer in range(num_layers):
+        if granularity == "control_points":
+            x = layer / (num_layers - 1) * (len(points) - 1)
+            k = min(int(x), len(points) - 2)
+            want = points[k] + (points[k + 1] - points[k]) * (x - k)
+        else:
+            want = points[group_of(granularity, 2, layer)]
+        for tensor in layer_tensors(layer).values():
+            _, glob = resolve_params(recipe, tensor, num_layers)
+            assert glob["lambda"] == pytest.approx(want, abs=1e-6), (layer, tensor)
+            assert glob["normalize"] == 0.0  # the fixed ones keep their defaults
+    assert MergeRecipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+def test_slerp_is_searchable_through_its_t() -> None:
+    one = SearchSpace(
+        SearchSpaceConfig(
+            method="slerp",
+            params=(),
+            global_params=(ParamRange(name="t", low=0.0, high=1.0),),
+            granularity="layer",
+        ),
+        BASE,
+        EXPERTS[:1],
+        3,
+    )
+    assert list(one.distributions()) == ["(global).t.g0", "(global).t.g1", "(global).t.g2"]
+    recipe = one.to_recipe({"(global).t.g0": 0.1, "(global).t.g1": 0.5, "(global).t.g2": 0.9})
+    assert recipe.merge_method == "slerp" and recipe.models[0].parameters == {}
+    assert [resolve_params(recipe, f"model.layers.{i}.mlp.up_proj.weight", 3)[1]["t"] for i in range(3)] == [
+        pytest.approx(0.1),
+        pytest.approx(0.5),
+        pytest.approx(0.9),
+    ]
+    # seeds: the method's default t (0.5); "experts" is the same genome, so it is not repeated
+    assert one.seed_genomes(["uniform"]) == [{f"(global).t.g{g}": 0.5 for g in range(3)}]
+    with pytest.raises(ConfigError, match="slerp merges at least 1, at most 1 model"):
+        SearchSpace(one.config, BASE, EXPERTS, 3)
+
+
+def test_seed_genomes_give_searched_globals_their_default_clipped_or_the_seed_value() -> None:
+    sp = space(
+        4,
+        method="ties",
+        global_params=(ParamRange(name="lambda", low=1.2, high=2.0),),
+        granularity="global",
+    )
+    uniform = sp.seed_genomes(["uniform"])[0]
+    assert uniform["(global).lambda.g0"] == 1.2  # ties' default 1.0, clipped into [1.2, 2]
+    assert sp.uniform_genome({"weight": 0.5, "density": 1.0, "lambda": 1.7})["(global).lambda.g0"] == 1.7
+    with pytest.raises(ConfigError, match="method-wide"):
+        sp.uniform_genome({"weight": 0.5, "density": 1.0, "lambda": [1.3, 1.4, 1.5]})
 
 
 def test_search_space_config_rejects_non_finite_global_parameters() -> None:

@@ -12,6 +12,11 @@ Granularity:
   stack (first and last layer included) and linearly interpolated between: a smooth per-layer profile
   with a few genes (gene ``g<k>`` is control point ``k``).
 
+``global_params`` searches method-wide parameters too (``lambda``, slerp's ``t``, sce's ``select_topk``,
+...): genes ``(global).<param>[.<part>].g<k>``, one per layer group at the same granularity, shared by
+every expert; a seed genome gives them the method's default (clipped into the bounds) unless it names
+them. ``params`` may then be empty (slerp and model_stock have no per-model parameter).
+
 ``methods`` (two or more) adds a categorical gene ``method`` that picks the merge method per candidate;
 each method takes the searched parameters it knows (``density`` is ignored by ``task_arithmetic``) and
 its own ``global_parameters``.
@@ -36,6 +41,8 @@ from evomerge.errors import ConfigError
 from evomerge.merging import MergeRecipe, get_method, param_domain
 
 Granularity = Literal["global", "layer_group", "layer", "control_points"]
+GLOBAL_GENES = "(global)"
+"""The alias part of a searched global parameter's gene names (no expert alias has parentheses)."""
 _ALIAS_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -80,6 +87,9 @@ class SearchSpaceConfig(BaseModel):
     """Two or more methods: the method becomes a searched categorical (``method`` is then ignored)."""
     split_attn_mlp: bool = False
     global_parameters: dict[str, StrictBool | float] = Field(default_factory=dict)
+    """Method-wide parameters held fixed."""
+    global_params: tuple[ParamRange, ...] = ()
+    """Method-wide parameters searched (bounds inside the parameter's domain), shared by all experts."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
 
@@ -96,6 +106,27 @@ class SearchSpaceConfig(BaseModel):
                 known = ", ".join(sorted({k for m in methods for k in m.model_params})) or "none"
                 which = " / ".join(self.candidate_methods)
                 raise ValueError(f"params: {which} has no per-model parameter {n!r} (known: {known})")
+        searched = [p.name for p in self.global_params]
+        if len(set(searched)) != len(searched):
+            raise ValueError(f"global_params: duplicate parameter in {searched}")
+        for r in self.global_params:
+            if not any(r.name in m.global_params for m in methods):
+                known = ", ".join(sorted({k for m in methods for k in m.global_params})) or "none"
+                which = " / ".join(self.candidate_methods)
+                raise ValueError(f"global_params: {which} has no parameter {r.name!r} (known: {known})")
+            domain = param_domain(r.name)
+            if domain.kind == "bool":
+                raise ValueError(
+                    f"global_params: {r.name} is true or false, not searched; set it in global_parameters"
+                )
+            for end in (r.low, r.high):
+                problem = domain.problem(end)
+                if problem is not None:
+                    raise ValueError(f"global_params.{r.name}: bound {problem}")
+            if r.name in self.global_parameters:
+                raise ValueError(f"{r.name} is both searched (global_params) and fixed (global_parameters)")
+        if not self.params and not self.global_params:
+            raise ValueError("nothing to search: give params (per model) or global_params (method-wide)")
         for n, v in self.global_parameters.items():
             if not any(n in m.global_params for m in methods):
                 known = ", ".join(sorted({k for m in methods for k in m.global_params})) or "none"
@@ -133,6 +164,15 @@ class SearchSpace:
             raise ConfigError("search space: at least one expert model is needed")
         if num_layers < 1:
             raise ConfigError(f"search space: num_layers must be >= 1, got {num_layers}")
+        for name in config.candidate_methods:
+            method = get_method(name)
+            n = len(experts)
+            if n < method.min_models or (method.max_models is not None and n > method.max_models):
+                most = "" if method.max_models is None else f", at most {method.max_models}"
+                raise ConfigError(
+                    f"search space: {name} merges at least {method.min_models}{most} model(s) besides the "
+                    f"base; this sweep has {n} experts"
+                )
         self.config = config
         self.base_model = base_model
         self.experts = list(experts)
@@ -165,16 +205,23 @@ class SearchSpace:
                         out[self.gene_name(alias, p.name, part, g)] = FloatDistribution(
                             p.low, p.high, log=p.log
                         )
+        for p in self.config.global_params:
+            for part in self.parts:
+                for g in range(self.num_groups):
+                    out[self.gene_name(GLOBAL_GENES, p.name, part, g)] = FloatDistribution(
+                        p.low, p.high, log=p.log
+                    )
         return out
 
     @property
     def dimension(self) -> int:
-        genes = len(self.config.params) * len(self.aliases) * len(self.parts) * self.num_groups
-        return genes + (1 if self.config.methods else 0)
+        per_group = len(self.config.params) * len(self.aliases) + len(self.config.global_params)
+        return per_group * len(self.parts) * self.num_groups + (1 if self.config.methods else 0)
 
     def uniform_genome(self, values: Mapping[str, float | Sequence[float] | str]) -> dict[str, float]:
         """A genome with the same value for every layer and part: ``values[param]`` is a scalar for all
-        experts or a sequence with one value per expert. Values are clipped into the bounds."""
+        experts or a sequence with one value per expert; a searched global parameter takes
+        ``values[name]`` when given, else its method's default. Values are clipped into the bounds."""
         genome: dict[str, float] = {}
         for i, alias in enumerate(self.aliases):
             for p in self.config.params:
@@ -192,12 +239,28 @@ class SearchSpace:
                 for part in self.parts:
                     for g in range(self.num_groups):
                         genome[self.gene_name(alias, p.name, part, g)] = v
+        for p in self.config.global_params:
+            raw = values.get(p.name, self.global_default(p.name))
+            if isinstance(raw, str) or not isinstance(raw, int | float):
+                raise ConfigError(f"seed recipe: {p.name} is method-wide: give one number, not {raw!r}")
+            v = min(max(float(raw), p.low), p.high)
+            for part in self.parts:
+                for g in range(self.num_groups):
+                    genome[self.gene_name(GLOBAL_GENES, p.name, part, g)] = v
         if self.config.methods:
             method = values.get("method", self.config.methods[0])
             if method not in self.config.methods:
                 raise ConfigError(f"seed recipe: method {method!r} is not one of {list(self.config.methods)}")
             genome["method"] = method  # type: ignore[assignment]
         return genome
+
+    def global_default(self, name: str) -> float:
+        """The default of method-wide parameter ``name`` in the first searched method that has it."""
+        for m in self.config.candidate_methods:
+            method = get_method(m)
+            if name in method.global_params:
+                return float(method.global_params[name])
+        raise ConfigError(f"no searched method has the parameter {name!r}")  # the config refuses this
 
     def seed_values(self, weight: float | list[float]) -> dict[str, float | list[float]]:
         """The values of a seed genome (for :meth:`uniform_genome`): ``weight`` (one for all experts or
@@ -268,9 +331,12 @@ class SearchSpace:
             }
             for alias, path in zip(self.aliases, self.experts, strict=True)
         ]
-        global_parameters = {
+        global_parameters: dict[str, Any] = {
             k: v for k, v in self.config.global_parameters.items() if k in method.global_params
         }
+        for p in self.config.global_params:
+            if p.name in method.global_params:
+                global_parameters[p.name] = self._param_value(genome, GLOBAL_GENES, p.name)
         return MergeRecipe.model_validate(
             {
                 "merge_method": method_name,
