@@ -21,6 +21,8 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.optimizer.method_choice import LearnedChoiceCmaEsSampler
+
 __all__ = ["SeededCmaEsSampler", "best_start"]
 
 
@@ -50,9 +52,10 @@ def best_start(
     return best.number, start
 
 
-class SeededCmaEsSampler(optuna.samplers.CmaEsSampler):
+class SeededCmaEsSampler(LearnedChoiceCmaEsSampler):
     """:class:`optuna.samplers.CmaEsSampler` whose first distribution is centred on the best complete
-    trial (the best seed); ``sigma0`` is the initial step size as a share of each parameter's range."""
+    trial (the best seed); ``sigma0`` is the initial step size as a share of each parameter's range.
+    Categorical parameters (the method) are learned (:mod:`evomerge.optimizer.method_choice`)."""
 
     def __init__(self, *, sigma0: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)

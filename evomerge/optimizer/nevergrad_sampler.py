@@ -5,8 +5,10 @@ The Optuna study stays the single source of truth; the nevergrad optimizer is a 
 * **Search space.** The float parameters of the study's intersection search space (log-scaled ones too)
   are searched by nevergrad, each mapped to [0, 1] (in log space for ``log=True``; a ``step`` is
   applied when mapping back) and packed into one ``ng.p.Array(shape=(d,), lower=0, upper=1)``.
-  Every other parameter (categorical, int, single-valued), and every parameter of a trial asked before
-  the first trial completed, comes from an internal :class:`optuna.samplers.RandomSampler`.
+  A categorical parameter (the method gene) is chosen by a bandit over the study's trials
+  (:mod:`evomerge.optimizer.method_choice`). Every other parameter (int, single-valued), and every
+  float of a trial asked before the first trial completed, comes from an internal
+  :class:`optuna.samplers.RandomSampler`.
 * **Asynchronous.** Several trials may be asked before any is told: the sampler keeps the candidate it
   asked nevergrad for each running trial and tells it when the trial finishes. At most ``num_workers``
   candidates are outstanding at a time (nevergrad's sequential optimizers, e.g. the Cobyla that NGOpt
@@ -52,11 +54,12 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import ConfigError
+from evomerge.optimizer.method_choice import choose_categorical
 
 __all__ = ["RECOMMENDED_OPTIMIZERS", "NevergradSampler"]
 
@@ -263,6 +266,8 @@ class NevergradSampler(optuna.samplers.BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
+        if isinstance(param_distribution, CategoricalDistribution):  # the method gene: learned
+            return choose_categorical(study, trial, param_name, param_distribution, seed=self._seed)
         return self._independent.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(

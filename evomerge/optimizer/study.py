@@ -61,13 +61,16 @@ def make_sampler(
             "seed": cfg.seed,
             "n_startup_trials": cfg.n_startup_trials or 0,
             "popsize": cfg.population_size,
+            # only the method gene is sampled independently, and it is learned (method_choice.py)
             "warn_independent_sampling": False,
         }
         if cfg.start == "best_seed":
             from evomerge.optimizer.cmaes_start import SeededCmaEsSampler
 
             return SeededCmaEsSampler(sigma0=cfg.sigma0 if cfg.sigma0 is not None else 0.1, **kwargs)
-        plain = optuna.samplers.CmaEsSampler(**kwargs)
+        from evomerge.optimizer.method_choice import LearnedChoiceCmaEsSampler
+
+        plain = LearnedChoiceCmaEsSampler(**kwargs)
         if cfg.sigma0 is not None:
             plain._sigma0 = (
                 cfg.sigma0
