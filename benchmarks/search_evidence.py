@@ -14,7 +14,11 @@ mean re-scored on the val questions the search never saw; the best val mean is t
   task-arithmetic weights with attention and MLP apart (3 experts x 4 layers x 2 parts = 24 genes in
   [0, 1.5]);
 - ``mergekit-evolve-style``: CMA-ES over TIES weights and densities per group of 2 layers (the genome
-  mergekit-evolve searches).
+  mergekit-evolve searches);
+- ``methods-learned`` and ``methods-uniform``: CMA-ES over per-layer weights and densities with the
+  method (task arithmetic, TIES, DARE) as a gene, chosen by the bandit of
+  ``evomerge/optimizer/method_choice.py`` (the default) or uniformly for every trial; the JSON records
+  each trial's method.
 
 Every search enqueues the product's default seeds first (uniform task arithmetic, each expert alone).
 Baselines, each chosen by its mean over dev and val (every non-test question, more than any search
@@ -59,12 +63,21 @@ EVOLVE = SearchSpaceConfig(
     granularity="layer_group",
     group_size=2,
 )
+METHODS = SearchSpaceConfig(
+    methods=("task_arithmetic", "ties", "dare_linear"),
+    params=(ParamRange(name="weight", low=0.0, high=1.5), ParamRange(name="density", low=0.1, high=1.0)),
+    granularity="layer",
+    global_parameters={"lambda": 1.0},
+)
 ARMS: dict[str, tuple[SearchSpaceConfig, dict[str, Any]]] = {
     "cmaes": (LAYERWISE, {"name": "cmaes"}),
     "cmaes-centre": (LAYERWISE, {"name": "cmaes", "start": "center"}),
     "tpe": (LAYERWISE, {"name": "tpe"}),
     "random": (LAYERWISE, {"name": "random"}),
     "mergekit-evolve-style": (EVOLVE, {"name": "cmaes"}),
+    # issue 14: the method gene learned by a bandit (the default) vs drawn uniformly for every trial
+    "methods-learned": (METHODS, {"name": "cmaes"}),
+    "methods-uniform": (METHODS, {"name": "cmaes", "method_choice": "uniform"}),
 }
 
 
@@ -189,6 +202,12 @@ def run_zoo(zoo_seed: int, args: argparse.Namespace, workdir: Path) -> dict[str,
                     "test": picked,
                     "dev_best_test": dev_best,
                     "curve": curve,
+                    # the method of each trial the sampler chose (seeds excluded), in trial order
+                    "methods": [
+                        t.params["method"]
+                        for t in complete
+                        if "method" in t.params and "fixed_params" not in t.system_attrs
+                    ],
                 }
             )
             print(

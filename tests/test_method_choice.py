@@ -78,8 +78,13 @@ def test_nsga2_learns_the_method_by_selection() -> None:
     assert methods[-20:].count("good") >= 12
 
 
-def test_random_search_stays_uniform() -> None:
-    first, second = share_of_good(SamplerConfig(name="random", seed=0))
+@pytest.mark.parametrize(
+    "sampler_cfg",
+    [SamplerConfig(name="random", seed=0), SamplerConfig(name="cmaes", seed=0, method_choice="uniform")],
+    ids=["random", "cmaes-uniform"],
+)
+def test_random_search_and_method_choice_uniform_stay_uniform(sampler_cfg: SamplerConfig) -> None:
+    first, second = share_of_good(sampler_cfg)
     assert 0.1 < first < 0.6 and 0.1 < second < 0.6
 
 

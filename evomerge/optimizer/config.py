@@ -36,6 +36,10 @@ class SamplerConfig(BaseModel):
     start: Literal["best_seed", "center"] = "best_seed"
     """For ``name: cmaes``: centre the first search distribution on the best complete trial (the best
     seed recipe) or on the centre of the search space (Optuna's default)."""
+    method_choice: Literal["learned", "uniform"] = "learned"
+    """For ``cmaes`` and ``nevergrad`` with a ``methods:`` space: choose the method gene by a bandit over
+    the trials so far (``learned``) or uniformly at random for every trial (``uniform``, the behaviour
+    before evomerge learned it; kept for comparisons). TPE and NSGA-II always learn it themselves."""
     sigma0: float | None = Field(default=None, gt=0.0, le=1.0)
     """For ``name: cmaes``: the initial step size as a share of each parameter's range (default: 0.1 from
     the best seed, Optuna's 1/6 from the centre)."""

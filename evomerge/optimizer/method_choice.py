@@ -115,9 +115,10 @@ class LearnedChoiceCmaEsSampler(optuna.samplers.CmaEsSampler):
     """:class:`optuna.samplers.CmaEsSampler` whose categorical parameters (which CMA-ES cannot search)
     are chosen by :func:`choose_categorical` instead of uniformly at random."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, learn_categoricals: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._choice_seed: int | None = kwargs.get("seed")
+        self.learn_categoricals = learn_categoricals
 
     def sample_independent(
         self,
@@ -126,6 +127,6 @@ class LearnedChoiceCmaEsSampler(optuna.samplers.CmaEsSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        if isinstance(param_distribution, CategoricalDistribution):
+        if self.learn_categoricals and isinstance(param_distribution, CategoricalDistribution):
             return choose_categorical(study, trial, param_name, param_distribution, seed=self._choice_seed)
         return super().sample_independent(study, trial, param_name, param_distribution)

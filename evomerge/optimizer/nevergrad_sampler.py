@@ -144,6 +144,7 @@ class NevergradSampler(optuna.samplers.BaseSampler):
         seed: int = 0,
         budget: int | None = None,
         num_workers: int = 1,
+        learn_categoricals: bool = True,
     ) -> None:
         ng = _import_nevergrad()
         self._ng = ng
@@ -154,6 +155,7 @@ class NevergradSampler(optuna.samplers.BaseSampler):
             raise ConfigError(f"nevergrad num_workers must be at least 1, got {num_workers}")
         self._name = optimizer
         self._seed = seed
+        self._learn_categoricals = learn_categoricals
         self._budget = budget
         self._num_workers = num_workers
         self._probe()
@@ -266,7 +268,7 @@ class NevergradSampler(optuna.samplers.BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        if isinstance(param_distribution, CategoricalDistribution):  # the method gene: learned
+        if self._learn_categoricals and isinstance(param_distribution, CategoricalDistribution):
             return choose_categorical(study, trial, param_name, param_distribution, seed=self._seed)
         return self._independent.sample_independent(study, trial, param_name, param_distribution)
 

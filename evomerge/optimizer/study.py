@@ -55,7 +55,13 @@ def make_sampler(
     if cfg.name == "nevergrad":
         from evomerge.optimizer.nevergrad_sampler import NevergradSampler
 
-        return NevergradSampler(cfg.optimizer, seed=cfg.seed, budget=budget, num_workers=workers)
+        return NevergradSampler(
+            cfg.optimizer,
+            seed=cfg.seed,
+            budget=budget,
+            num_workers=workers,
+            learn_categoricals=cfg.method_choice == "learned",
+        )
     if cfg.name == "cmaes":
         kwargs: dict[str, Any] = {
             "seed": cfg.seed,
@@ -63,6 +69,7 @@ def make_sampler(
             "popsize": cfg.population_size,
             # only the method gene is sampled independently, and it is learned (method_choice.py)
             "warn_independent_sampling": False,
+            "learn_categoricals": cfg.method_choice == "learned",
         }
         if cfg.start == "best_seed":
             from evomerge.optimizer.cmaes_start import SeededCmaEsSampler

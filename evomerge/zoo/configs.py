@@ -146,7 +146,12 @@ class SmolLM2Config(BaseModel):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-SMOLLM2_PRESETS: dict[str, SmolLM2Config] = {"smollm2": SmolLM2Config()}
+SMOLLM2_PRESETS: dict[str, SmolLM2Config] = {
+    "smollm2": SmolLM2Config(),
+    # The same experts (same seed, training and data) scored on every dev and test question: 100 and 200
+    # per task, the evidence benchmark's real-model rerun (experiments/smollm2-large.yaml).
+    "smollm2-large": SmolLM2Config(name="smollm2-large", dev_size=100, test_size=200),
+}
 
 AnyZooConfig = ZooConfig | SmolLM2Config
 """A tiny-zoo config (a Llama trained here) or a smollm2 one (a real base and LoRA experts)."""
