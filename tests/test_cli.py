@@ -524,3 +524,52 @@ def test_search_with_a_fusion_stage(home: Zoo, tmp_path: Path, capsys: pytest.Ca
     assert rows[source_row]["sort"] >= 0.9 and rows["pivot (best merge)"]["sort"] <= 0.1  # the source's task
     assert set(rows["unified"]) == {"arith", "code", "logic", "sort"}
     assert (run_dir / "fusion" / "unified" / "config.json").exists() and (run_dir / "fusion.md").exists()
+
+
+def test_search_then_polish(home: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "study_name": "cli-polish",
+                "zoo": "micro",
+                "runs_dir": str(runs),
+                "n_trials": 3,
+                "sampler": {"name": "random", "seed": 1},
+                "seed_recipes": [],
+                "search_space": {
+                    "method": "task_arithmetic",
+                    "params": [{"name": "weight", "low": 0.0, "high": 1.5}],
+                    "granularity": "layer",
+                    "split_attn_mlp": True,
+                },
+            }
+        )
+    )
+    assert run(["search", cfg]) == 0
+    run_dir = runs / "cli-polish"
+    capsys.readouterr()
+    assert run(["polish", run_dir, "--steps", "4", "--eval-every", "2"]) == 0
+    out = capsys.readouterr().out
+    polished = run_dir / "polish"
+    for name in ("recipe.yaml", "mergekit.yaml", "polish.json", "report.md"):
+        assert (polished / name).is_file(), name
+    summary = json.loads((polished / "polish.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [0, 1, 2, 3, 4]
+    # the start row is the sweep's pick, scored on the same test questions as the search's report
+    results = json.loads((run_dir / "results.json").read_text())
+    searched = next(r for r in results["test"] if r["name"].startswith("searched"))
+    start_label = next(iter(summary["test"]))
+    assert start_label == searched["name"]
+    assert summary["test"][start_label]["mean"] == pytest.approx(searched["mean"], abs=1e-12)
+    recipe = MergeRecipe.from_yaml(polished / "recipe.yaml")
+    assert recipe.merge_method == "task_arithmetic" and recipe.parameters["lambda"] == 1.0
+    assert "searched + polished" in (polished / "report.md").read_text() and "written to" in out
+    # a second run does not overwrite silently; a bad objective is a usage error; nothing is left behind
+    assert run(["polish", run_dir, "--steps", "1"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "exists")
+    assert run(["polish", run_dir, "--objective", "mse", "-o", tmp_path / "p2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "--objective")
+    assert not (tmp_path / "p2").exists()
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []

@@ -14,7 +14,8 @@ Modules
 - ``eval_command``: ``eval``;
 - ``search_command``: ``search``;
 - ``run_commands``: ``export``, ``report`` and ``dashboard`` (commands on a finished run);
-- ``fuse_command``: ``fuse`` and a sweep's ``fusion:`` stage.
+- ``fuse_command``: ``fuse`` and a sweep's ``fusion:`` stage;
+- ``polish_command``: ``polish`` (gradient polish of a finished sweep's pick).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from evomerge.cli.display import console, err_console
 from evomerge.cli.eval_command import eval_cmd
 from evomerge.cli.fuse_command import fuse
 from evomerge.cli.merge_command import merge
+from evomerge.cli.polish_command import polish
 from evomerge.cli.run_commands import dashboard, export, report
 from evomerge.cli.search_command import search
 from evomerge.cli.zoo_commands import checkpoints_import_gguf, zoo_build
@@ -110,6 +112,7 @@ app.command()(export)
 app.command()(report)
 app.command()(fuse)
 app.command()(dashboard)
+app.command()(polish)
 
 
 def _keep_freed_memory() -> None:

@@ -451,3 +451,8 @@ def load_fewshot(task: TaskConfig, base_dir: str | Path) -> list[Example]:
     if len(examples) < task.fewshot:
         raise ConfigError(f"task {task.name!r}: fewshot={task.fewshot} but {path} has {len(examples)}")
     return examples[: task.fewshot]
+
+
+def load_train(task: TaskConfig, base_dir: str | Path) -> list[Example]:
+    """Every example of the task's ``train`` file (for training on the task: gradient polish)."""
+    return _read_jsonl(task, resolve_path(task, "train", base_dir))

@@ -481,6 +481,12 @@ class InMemoryMerger:
         deltas = tuple(torch.zeros_like(base) if j is None else f32(self._vectors[j][name]) for j in selected)
         return MergeInputs(base=base, deltas=deltas)
 
+    def resident_inputs(self, recipe: MergeRecipe) -> dict[str, MergeInputs]:
+        """The resident float tensors ``recipe`` merges, per tensor name in checkpoint order: the base
+        and one task vector per recipe model (float32; for gradient polish, which merges them itself)."""
+        selected = self._select(recipe)
+        return {n: self._inputs(n, selected) for n in self._float_names}
+
     def iter_merged(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` for every tensor of the merged model, in checkpoint order.
 
