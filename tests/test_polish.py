@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evomerge.errors import ConfigError
+from evomerge.evaluators import load_split
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.optimizer import LocalEvaluator, SweepConfig, resolve_sweep
 from evomerge.optimizer.polish import PolishConfig, polish_recipe, slot_of
@@ -105,3 +106,19 @@ def test_slots() -> None:
     assert slot_of("model.layers.2.input_layernorm.weight", 4) == (2, 2)
     assert slot_of("model.embed_tokens.weight", 4) == (0, 2)
     assert slot_of("lm_head.weight", 4) == (0, 2)
+
+
+def test_a_task_without_training_prompts_is_not_trained_on(evaluator: LocalEvaluator, tmp_path: Path) -> None:
+    from evomerge.optimizer.polish import _training_examples
+
+    task = evaluator.sweep.tasks[0]
+    data_dir = evaluator.sweep.data_dir
+    found = _training_examples(task, data_dir, PolishConfig())
+    assert found is not None and len(found) > 0
+    # training prompts are never dev questions
+    dev_questions = {ex.question for ex in load_split(task, "dev", data_dir)}
+    assert not dev_questions & {ex.question for ex in found}
+    dev = tmp_path / "held.dev.jsonl"
+    dev.write_text('{"question": "1+1", "answer": "2"}\n')
+    held_out = task.model_copy(update={"name": "held", "data_files": {"dev": str(dev), "test": str(dev)}})
+    assert _training_examples(held_out, data_dir, PolishConfig()) is None

@@ -16,6 +16,9 @@ Objectives (``PolishConfig.objective``), on training prompts only (a task's ``tr
 * ``entropy``: AdaMerging-style, the entropy of the merge's next-token distribution where the answer
   starts, on unlabeled prompts.
 
+A task without training prompts (the zoo's held-out ``comp``) is not trained on; it is still scored on
+dev with the others.
+
 Every ``eval_every`` steps the merge is scored on the sweep's dev split (its fitness questions); the
 best dev mean so far is kept (the start counts), and training stops after ``patience`` evaluations
 without a gain. The result is a task-arithmetic recipe with per-layer lists for attention, MLP and the
@@ -79,6 +82,8 @@ class PolishResult:
     """One entry per step: ``step``, ``loss``; with ``dev`` where the merge was scored."""
     seconds: float = 0.0
     trainable: int = 0
+    untrained: list[str] = field(default_factory=list)
+    """Tasks without training prompts (e.g. a held-out family): scored on dev, not trained on."""
 
 
 def slot_of(name: str, num_layers: int) -> tuple[int, int]:
@@ -91,7 +96,8 @@ def slot_of(name: str, num_layers: int) -> tuple[int, int]:
     return layer, part
 
 
-def _training_examples(task: TaskConfig, data_dir: str, cfg: PolishConfig) -> list[Example]:
+def _training_examples(task: TaskConfig, data_dir: str, cfg: PolishConfig) -> list[Example] | None:
+    """The task's training prompts, or None when it has none (a held-out task: not trained on)."""
     path = cfg.data.get(task.name)
     if path is None and "train" in task.data_files:
         source = task
@@ -100,11 +106,7 @@ def _training_examples(task: TaskConfig, data_dir: str, cfg: PolishConfig) -> li
             dev = task.data_files.get("dev")
             guess = Path(dev.replace(".dev.", ".train.")) if dev and ".dev." in dev else None
             if guess is None or not (Path(data_dir) / guess).is_file():
-                raise ConfigError(
-                    f"polish: task {task.name!r} has no training prompts (give data_files.train, or "
-                    f"polish.data.{task.name}: a JSONL of question/answer records); dev and test are never "
-                    "trained on"
-                )
+                return None
             path = str(guess)
         source = task.model_copy(update={"data_files": {"train": path}})
     examples = load_train(source, data_dir)
@@ -220,13 +222,19 @@ def polish_recipe(
     # training rows: (prompt, answer, task index)
     tasks = list(sweep.tasks)
     rows: list[tuple[str, str, int]] = []
+    untrained: list[str] = []
     for k, task in enumerate(tasks):
-        if task.kind == "lmeval":
+        examples = None if task.kind == "lmeval" else _training_examples(task, sweep.data_dir, cfg)
+        if examples is None:
+            untrained.append(task.name)
             continue
-        for ex in _training_examples(task, sweep.data_dir, cfg):
+        for ex in examples:
             rows.append((task.prompt(ex.question), " " + ex.answer, k))
     if not rows:
-        raise ConfigError("polish: no training prompts")
+        raise ConfigError(
+            "polish: no task has training prompts (give a task data_files.train, or polish.data: {task: "
+            "a JSONL of question/answer records}); dev, val and test are never trained on"
+        )
     teachers: dict[int, int] = {}
     if cfg.objective == "kl":
         names = [Path(e.model).name for e in recipe.expert_models()]
@@ -347,6 +355,7 @@ def polish_recipe(
         history=history,
         seconds=time.perf_counter() - t_start,
         trainable=coeffs.theta.numel(),
+        untrained=untrained,
     )
 
 
@@ -374,6 +383,7 @@ def write_polish(
             "best_dev": result.best_dev,
             "best_step": result.best_step,
             "trainable": result.trainable,
+            "untrained_tasks": result.untrained,
             "seconds": round(result.seconds, 2),
             "test": {k: dict(v) for k, v in test.items()},
             "history": result.history,
