@@ -790,6 +790,11 @@ def test_fidelity_config_validation() -> None:
 
     with pytest.raises(ValidationError, match="strictly increasing"):
         FidelityConfig(rungs=(50, 20))
+    for bad in ({}, {"rungs": (5,), "anchors": 10}):
+        with pytest.raises(ValidationError, match="one of them"):
+            FidelityConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        FidelityConfig(anchors=0)
     with pytest.raises(ValidationError, match="single-objective"):
         SweepConfig(
             study_name="x",
@@ -810,3 +815,56 @@ def test_a_bfloat16_resident_merger_scores_like_the_float32_one(
     exact = evaluator.merger.merge(recipe)
     assert all(merged[n].dtype == exact[n].dtype for n in exact)
     assert max(float((merged[n] - exact[n]).abs().max()) for n in exact) < 1e-2
+
+
+def test_anchor_fitness_promotes_or_prunes_on_an_estimate_from_anchor_questions(
+    runs_dir: Path, zoo_cache: Path, evaluator: LocalEvaluator, micro_zoo: Zoo
+) -> None:
+    """``fidelity.anchors``: the first trials record their per-question answers; later ones are scored
+    on anchors fit on those answers, and the estimate decides (here: a drowned merge is pruned)."""
+    from evomerge.optimizer.anchors import estimate_mean, fit_anchors
+    from evomerge.optimizer.config import FidelityConfig
+
+    space = SearchSpaceConfig(
+        method="task_arithmetic", params=(ParamRange(name="weight", low=0.0, high=4.0),), granularity="global"
+    )
+    sweep = zoo_sweep(
+        runs_dir,
+        zoo_cache,
+        "anchors",
+        search_space=space,
+        sampler=SamplerConfig(name="random", seed=0),
+        n_trials=3,
+        fidelity=FidelityConfig(anchors=4, n_startup_trials=2),
+        pick=None,
+        seed_genomes=({"weight": 0.3}, {"weight": 0.5}, {"weight": 4.0}),
+    )
+    study = run_search(sweep, evaluator)
+    trials = study.get_trials(deepcopy=False)
+    dev_ids = {t.name: [ex.id for ex in load_split(t, "dev", sweep.data_dir)] for t in sweep.tasks}
+    for t in trials[:2]:  # before anchors: the full dev set at once, answers recorded
+        assert t.state == TrialState.COMPLETE and not t.intermediate_values
+        answers = t.user_attrs["dev_answers"]
+        assert {k: len(v) for k, v in answers.items()} == {k: len(v) for k, v in dev_ids.items()}
+        assert t.user_attrs["scores"] == pytest.approx(
+            {k: sum(v) / len(v) for k, v in answers.items()}, abs=1e-12
+        )
+    bad = trials[2]
+    assert set(bad.params.values()) == {4.0}
+    assert bad.state == TrialState.PRUNED and bad.user_attrs["pruned_at"] == "anchors"
+    assert 3 <= bad.user_attrs["anchor_questions"] <= 4 * len(TASKS)
+    estimate = bad.user_attrs["anchor_estimate"]
+    assert bad.intermediate_values == {0: pytest.approx(estimate)}
+    assert estimate < (trials[0].value + trials[1].value) / 2  # the bar: the median of the complete trials
+    # the estimate, recomputed independently: anchors fit on the two trials' answers, the drowned
+    # merge's answers from a fresh model
+    ref = Reference(micro_zoo)
+    ref.backend.load_state_dict(ref.merger.merge(trial_recipe(bad)))
+    memo: dict[Any, Any] = {}
+    evaluate(ref.backend, sweep.tasks, "dev", micro_zoo.root, memo=memo)  # type: ignore[arg-type]
+    per_task = {}
+    for task, ids in dev_ids.items():
+        anchors = fit_anchors([t.user_attrs["dev_answers"][task] for t in trials[:2]], 4, seed=0)
+        per_task[task] = anchors.estimate([memo[(task, "dev", ids[i])].score for i in anchors.indices])
+    assert estimate == pytest.approx(estimate_mean(per_task), abs=1e-12)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3

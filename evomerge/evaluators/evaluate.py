@@ -9,7 +9,7 @@ stay full.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -57,8 +57,12 @@ def evaluate(
     progress: ProgressFn | None = None,
     limit: int | None = None,
     memo: MutableMapping[tuple[str, str, str], QuestionRecord] | None = None,
+    ids: Mapping[str, Collection[str]] | None = None,
 ) -> EvalResult:
     """Generate and score every question of ``split`` of every task with ``backend``.
+
+    ``ids`` keeps, for each task it names, only the questions with those ids (anchor questions); tasks
+    it does not name are scored whole.
 
     ``limit`` keeps each task's first ``limit`` questions of its nested order (a multi-fidelity rung,
     see :func:`load_split`). ``memo`` maps ``(task name, split, question id)`` to records already scored on
@@ -96,6 +100,9 @@ def evaluate(
     for task in tasks:
         t0 = time.perf_counter()
         examples[task.name] = load_split(task, split, base_dir, limit=limit)
+        if ids is not None and task.name in ids:
+            keep = set(ids[task.name])
+            examples[task.name] = [ex for ex in examples[task.name] if ex.id in keep]
         shots = load_fewshot(task, base_dir)
         prompts[task.name] = [task.prompt(ex.question, shots) for ex in examples[task.name]]
         if task.chat:

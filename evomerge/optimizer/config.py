@@ -52,7 +52,13 @@ class FidelityConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    rungs: tuple[int, ...] = Field(min_length=1)
+    rungs: tuple[int, ...] = ()
+    anchors: int | None = Field(default=None, ge=1)
+    """Instead of rungs: score each candidate first on this many *anchor questions* per task, chosen from
+    the per-question answers of the complete trials so far (evomerge/optimizer/anchors.py), and report
+    the full dev mean they estimate; a candidate goes on to the full dev set only if that estimate
+    reaches the median (``pruner: percentile``: that percentile) of the complete trials' dev means.
+    Candidates before ``n_startup_trials`` complete trials are scored on the full dev set at once."""
     pruner: Literal["median", "percentile"] = "median"
     percentile: float = Field(default=50.0, gt=0.0, lt=100.0)
     """For ``percentile``: a trial is pruned below this percentile of earlier trials at the same rung."""
@@ -65,6 +71,14 @@ class FidelityConfig(BaseModel):
         if any(r < 1 for r in value) or list(value) != sorted(set(value)):
             raise ValueError("rungs must be positive and strictly increasing")
         return value
+
+    @model_validator(mode="after")
+    def _rungs_or_anchors(self) -> FidelityConfig:
+        if bool(self.rungs) == (self.anchors is not None):
+            raise ValueError(
+                "fidelity: give rungs (question counts) or anchors (questions per task), one of them"
+            )
+        return self
 
 
 class BackendConfig(BaseModel):

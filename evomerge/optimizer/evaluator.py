@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -77,11 +77,12 @@ class LocalEvaluator:
         memo: dict[tuple[str, str, str], QuestionRecord] | None = None,
         loaded: bool = False,
         tasks: Sequence[TaskConfig] | None = None,
+        ids: Mapping[str, Collection[str]] | None = None,
     ) -> EvalResult:
         """Load ``state`` into the live model (unless ``loaded``) and score it; ``questions`` keeps each
         task's first questions of its fixed nested order (a multi-fidelity rung); ``memo`` carries the
         questions already scored on this state (see :func:`evaluate`); ``tasks``: some of the sweep's
-        tasks (default: all)."""
+        tasks (default: all); ``ids``: only these questions of the tasks it names (anchors)."""
         if not loaded:
             self.backend.load_state_dict(state)
         return evaluate(
@@ -92,6 +93,7 @@ class LocalEvaluator:
             progress=progress,
             limit=questions,
             memo=memo,
+            ids=ids,
         )
 
     def score_recipe(

@@ -37,6 +37,10 @@ class StepJob:
     trial: int
     recipe: dict[str, Any]
     questions: int | None
+    ids: dict[str, tuple[str, ...]] | None = None
+    """Anchor questions: only these dev questions of the tasks named (the trial goes on afterwards)."""
+    answers: bool = False
+    """Return each scored dev question's score (``StepResult.answers``)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class StepResult:
     finished: float = 0.0
     """Wall-clock (``time.time()``) start and end of the step on the worker, for idle-time accounting."""
     worker_pid: int = 0
+    answers: dict[str, dict[str, float]] | None = None
+    """With ``StepJob.answers`` or ``ids``: task -> question id -> score, for every dev question this
+    trial's model has answered so far."""
 
 
 @dataclass(frozen=True)
@@ -101,9 +108,15 @@ class TrialWorker:
                 merge_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             result = self.evaluator.score_state(
-                self._state, "dev", questions=job.questions, memo=self._memo, loaded=True
+                self._state, "dev", questions=job.questions, memo=self._memo, loaded=True, ids=job.ids
             )
-            if job.questions is None:  # the trial is over: drop its weights
+            answers: dict[str, dict[str, float]] | None = None
+            if job.answers or job.ids is not None:
+                answers = {}
+                for (task, split, qid), record in self._memo.items():
+                    if split == "dev":
+                        answers.setdefault(task, {})[qid] = float(record.score)
+            if job.questions is None and job.ids is None:  # the trial is over: drop its weights
                 self._trial, self._state, self._memo = None, None, {}
             return StepResult(
                 job.trial,
@@ -114,6 +127,7 @@ class TrialWorker:
                 started=started,
                 finished=time.time(),
                 worker_pid=os.getpid(),
+                answers=answers,
             )
         except Exception as err:  # failures are data: the trial fails, the sweep goes on
             self._trial, self._state, self._memo = None, None, {}

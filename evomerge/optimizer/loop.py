@@ -7,6 +7,14 @@ memory, an exception in a kernel) becomes a FAILED trial with its error recorded
 A candidate whose recipe the study already scored (CMA-ES clipped at a bound, a sampler repeating
 itself) is not merged or scored again: its trial completes at once with the earlier trial's scores
 and records ``duplicate_of`` (scoring is deterministic, so a second evaluation would only cost time).
+
+Cheap fitness. With ``fidelity.rungs`` a trial climbs nested dev subsets and Optuna's pruner may stop it
+after each. With ``fidelity.anchors`` the complete trials record their per-question dev answers
+(``dev_answers``); once ``n_startup_trials`` have, each new trial is scored first on anchor questions fit
+on those answers (:mod:`evomerge.optimizer.anchors`), its estimated dev mean is reported (step 0,
+``anchor_estimate``), and it is promoted to the full dev set (the anchors' answers reused) only if the
+estimate reaches the median (``pruner: percentile``: that percentile) of the complete trials' dev means;
+otherwise it is PRUNED.
 """
 
 from __future__ import annotations
@@ -18,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.atomic_io import write_text_atomic
 from evomerge.checkpoints import ModelDir
 from evomerge.errors import ConfigError, EvomergeError, one_line
-from evomerge.evaluators import EvalResult
+from evomerge.evaluators import EvalResult, load_split
+from evomerge.optimizer.anchors import Anchors, estimate_mean, fit_anchors
 from evomerge.optimizer.config import SweepConfig
 from evomerge.optimizer.evaluator import LocalEvaluator
 from evomerge.optimizer.executors import Executor, LocalExecutor, StepJob, StepResult, TrialWorker, WorkerDied
@@ -185,6 +195,8 @@ class _Active:
     attempts: int = 0
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
+    anchors: dict[str, tuple[tuple[str, ...], Anchors]] | None = None
+    """With ``fidelity.anchors``: the anchors this trial is first scored on (None: full dev at once)."""
 
 
 class _Driver:
@@ -207,10 +219,25 @@ class _Driver:
         self.max_failures = max_consecutive_failures
         self.distributions = space.distributions()
         self.rungs: tuple[int, ...] = self.config.fidelity.rungs if self.config.fidelity else ()
+        self.anchor_k = self.config.fidelity.anchors if self.config.fidelity else None
+        self.dev_ids: dict[str, list[str]] = {}
+        self.task_weights = {t.name: t.weight for t in sweep.tasks}
+        if self.anchor_k is not None:
+            lmeval = [t.name for t in sweep.tasks if t.kind == "lmeval"]
+            if lmeval:
+                raise ConfigError(
+                    f"fidelity.anchors: task {lmeval[0]!r} is an lm-eval task, whose questions evomerge "
+                    "does not see one by one; use rungs"
+                )
+            self.dev_ids = {
+                t.name: [ex.id for ex in load_split(t, "dev", sweep.data_dir)] for t in sweep.tasks
+            }
+        self._anchor_fit: tuple[int, dict[str, tuple[tuple[str, ...], Anchors]]] | None = None
         self.slots: dict[int, list[_Active]] = {w: [] for w in range(executor.num_workers)}
         # candidates per worker: the running one, plus `prefetch` queued behind it so the worker never
         # waits for the driver's tell/ask (not with fidelity rungs: a trial's steps stay together)
-        prefetch = sweep.config.executor.prefetch if not self.rungs else 0
+        staged = bool(self.rungs) or self.anchor_k is not None
+        prefetch = sweep.config.executor.prefetch if not staged else 0
         self.depth = 1 + (prefetch if sweep.config.executor.kind == "ray" else 0)
         self.owner = owner_id()
         self.failures = 0
@@ -279,7 +306,59 @@ class _Driver:
         questions = self.rungs[a.rung] if a.rung < len(self.rungs) else None
         if a.rung == 0:
             a.trial.set_user_attr("worker_pid", self.executor.pid_of(worker))
+        if self.anchor_k is not None:
+            a.anchors = self._anchors() if a.rung == 0 else None
+            if a.anchors is None:  # not enough answers to fit anchors yet: the full dev set at once
+                a.rung = 1
+                self.executor.submit(worker, StepJob(a.trial.number, a.recipe, None, answers=True))
+                return
+            ids = {task: anchor_ids for task, (anchor_ids, _) in a.anchors.items()}
+            self.executor.submit(worker, StepJob(a.trial.number, a.recipe, None, ids=ids))
+            return
         self.executor.submit(worker, StepJob(a.trial.number, a.recipe, questions))
+
+    def _anchors(self) -> dict[str, tuple[tuple[str, ...], Anchors]] | None:
+        """Anchors fit on the per-question dev answers of the study's complete trials (refit when more
+        are known), or None before ``fidelity.n_startup_trials`` (at least 2) of them."""
+        assert self.config.fidelity is not None and self.anchor_k is not None
+        done = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "dev_answers" in t.user_attrs
+        ]
+        if len(done) < max(2, self.config.fidelity.n_startup_trials):
+            return None
+        if self._anchor_fit is not None and self._anchor_fit[0] == len(done):
+            return self._anchor_fit[1]
+        fitted: dict[str, tuple[tuple[str, ...], Anchors]] = {}
+        for task, ids in self.dev_ids.items():
+            rows = [t.user_attrs["dev_answers"][task] for t in done]
+            anchors = fit_anchors(rows, self.anchor_k, seed=self.config.sampler.seed)
+            fitted[task] = (tuple(ids[i] for i in anchors.indices), anchors)
+        self._anchor_fit = (len(done), fitted)
+        return fitted
+
+    def _promotion_bar(self) -> float:
+        """The full-dev mean an anchor estimate must reach to be promoted: the median (or the pruner's
+        ``percentile``) of the complete trials' dev means."""
+        assert self.config.fidelity is not None
+        values = sorted(
+            float(t.value)
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None
+        )
+        if not values:
+            return float("-inf")
+        q = 50.0 if self.config.fidelity.pruner == "median" else self.config.fidelity.percentile
+        return float(np.percentile(values, q))
+
+    def _estimate(self, a: _Active, answers: dict[str, dict[str, float]]) -> float:
+        assert a.anchors is not None
+        per_task = {
+            task: anchors.estimate([answers[task][qid] for qid in anchor_ids])
+            for task, (anchor_ids, anchors) in a.anchors.items()
+        }
+        return estimate_mean(per_task, self.task_weights)
 
     def _active(self) -> list[_Active]:
         return [a for queue in self.slots.values() for a in queue]
@@ -335,6 +414,21 @@ class _Driver:
         assert result.mean is not None
         a.merge_seconds += result.merge_seconds
         a.eval_seconds += result.eval_seconds
+        if a.anchors is not None and a.rung == 0:  # scored on the anchors: promote or prune
+            assert result.answers is not None
+            estimate = self._estimate(a, result.answers)
+            a.trial.report(estimate, step=0)
+            a.trial.set_user_attr("anchor_estimate", estimate)
+            a.trial.set_user_attr("anchor_questions", sum(len(ids) for ids, _ in a.anchors.values()))
+            if estimate < self._promotion_bar():
+                a.trial.set_user_attr("pruned_at", "anchors")
+                self._timings(a)
+                self._finish(a.trial, "PRUNED", mean=estimate, scores=result.scores)
+                return
+            a.rung = 1
+            self.slots[worker].insert(0, a)  # the worker holds its weights and the anchors' answers
+            self._submit(worker, a)
+            return
         if a.rung < len(self.rungs):
             rung = self.rungs[a.rung]
             a.trial.report(result.mean, step=rung)
@@ -349,6 +443,12 @@ class _Driver:
             self._submit(worker, a)
             return
         self._timings(a)
+        if self.anchor_k is not None and result.answers is not None:
+            # this trial's answers, in each task's dev order: the material later anchors are fit on
+            a.trial.set_user_attr(
+                "dev_answers",
+                {task: [result.answers[task][qid] for qid in ids] for task, ids in self.dev_ids.items()},
+            )
         a.trial.set_user_attr("scores", result.scores)
         a.trial.set_user_attr("mean", result.mean)
         self._finish(a.trial, "COMPLETE", mean=result.mean, scores=result.scores)
