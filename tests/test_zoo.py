@@ -582,3 +582,19 @@ def test_build_is_identical_whatever_the_thread_count(tmp_path: Path) -> None:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     ma, mb = (json.loads((d / "zoo.json").read_text()) for d in (a, b))
     assert ma["scores"] == mb["scores"] and ma["gates"] == mb["gates"]
+
+
+def test_build_is_identical_on_a_cpu_with_other_instruction_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training runs in a child with CPU-independent kernels (evomerge/zoo/train_worker.py): a build
+    whose MKL may use only SSE4.2 (as on an older CPU) and whose caller asked ATen for AVX2 gives the
+    same bytes as a build that may use everything this CPU has."""
+    a = Path(build_zoo(NANO, tmp_path / "a").root)
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    b = Path(build_zoo(NANO, tmp_path / "b").root)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert Path("base/model.safetensors") in files
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel

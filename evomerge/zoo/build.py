@@ -16,16 +16,22 @@ never leaves a half zoo behind; a finished zoo with the same config hash is reus
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
+import os
+import queue
 import random
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.atomic_io import atomic_dir
 from evomerge.errors import ConfigError
@@ -59,10 +65,10 @@ def build_zoo(
         return existing
     t0 = time.perf_counter()
     with atomic_dir(root) as tmp:
+        train_isolated(config, tmp, progress)
         threads = torch.get_num_threads()
         torch.set_num_threads(config.threads)
         try:
-            _build_into(config, tmp, progress)
             tasks = _task_configs(config)
             scores = _scores(config, tmp, tasks)
         finally:
@@ -82,6 +88,73 @@ def build_zoo(
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
     return Zoo.load(root)
+
+
+def train_isolated(config: ZooConfig, out: Path, progress: Progress | None) -> None:
+    """Write the zoo's data, tokenizer, base and experts into ``out`` from child processes with
+    CPU-independent kernels (:mod:`evomerge.zoo.train_worker`): the same weights on any x86-64 machine
+    with AVX2. The base trains first; then the experts, each on one thread, as many at a time as the
+    machine has cores (they do not depend on each other)."""
+    from evomerge.zoo.train_worker import DETERMINISTIC_ENV
+
+    # the children import this very evomerge (not another install that a working directory may shadow)
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, **DETERMINISTIC_ENV, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    total = total_steps(config)
+    done: dict[str, int] = {}
+
+    def command(*args: str) -> list[str]:
+        return [sys.executable, "-m", "evomerge.zoo.train_worker", config.model_dump_json(), str(out), *args]
+
+    def run_all(commands: list[list[str]], width: int) -> None:
+        """Run ``commands`` at most ``width`` at a time; their progress lines reach ``progress`` in the
+        order they arrive (a reader thread per child: no pipe fills while another child is read)."""
+        lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
+        waiting = list(enumerate(commands))
+        running: dict[int, subprocess.Popen[str]] = {}
+        with contextlib.ExitStack() as stack:
+            errs: dict[int, IO[str]] = {}
+            try:
+                while waiting or running:
+                    while waiting and len(running) < width:
+                        k, cmd = waiting.pop(0)
+                        errs[k] = stack.enter_context(tempfile.TemporaryFile("w+"))
+                        proc = subprocess.Popen(
+                            cmd, env=env, stdout=subprocess.PIPE, stderr=errs[k], text=True
+                        )
+                        running[k] = proc
+                        threading.Thread(target=_pump, args=(k, proc, lines), daemon=True).start()
+                    k, line = lines.get()
+                    if line is not None:
+                        parts = line.rstrip("\n").split("\t", 3)
+                        if len(parts) == 4 and parts[0] == "progress":
+                            done[parts[3].split(" loss ")[0]] = int(parts[1])
+                            if progress is not None:
+                                progress(parts[3], sum(done.values()), total)
+                        continue
+                    code = running.pop(k).wait()  # its stdout closed: it ended
+                    if code != 0:
+                        errs[k].seek(0)
+                        text = [ln for ln in errs[k].read().splitlines() if ln.strip()]
+                        last = text[-1] if text else f"exit status {code}"
+                        raise ConfigError(f"zoo {config.name}: training failed: {last}")
+            finally:
+                for proc in running.values():
+                    proc.kill()
+                    proc.wait()
+
+    run_all([command("base")], 1)
+    width = max(1, min(len(config.families), os.cpu_count() or 1))
+    run_all([command("expert", fam) for fam in config.families], width)
+
+
+def _pump(key: int, proc: subprocess.Popen[str], lines: queue.Queue[tuple[int, str | None]]) -> None:
+    """Forward a child's stdout lines, then None once it is closed."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put((key, line))
+    lines.put((key, None))
 
 
 class ZooGateError(ConfigError):
@@ -111,7 +184,9 @@ def _task_configs(config: ZooConfig) -> list[TaskConfig]:
     )
 
 
-def _split_data(config: ZooConfig, out: Path) -> dict[str, dict[str, list[tuple[str, str]]]]:
+def _split_data(
+    config: ZooConfig, out: Path, *, write: bool = True
+) -> dict[str, dict[str, list[tuple[str, str]]]]:
     """Disjoint train/dev/test per family, written under ``out/data`` (held-out families: no train;
     base-only families: train only)."""
     splits: dict[str, dict[str, list[tuple[str, str]]]] = {}
@@ -125,13 +200,27 @@ def _split_data(config: ZooConfig, out: Path) -> dict[str, dict[str, list[tuple[
             n = min(config.n_train, CAPACITY.get(fam, config.n_train))
             train_ex = generate(fam, n, seed=config.seed * 1000 + 3, exclude={q for q, _ in test + dev})
         splits[fam] = {"train": train_ex, "dev": dev, "test": test}
-        for split, exs in splits[fam].items():
-            if exs:
-                write_jsonl(out / "data" / f"{fam}.{split}.jsonl", fam, exs)
+        if write:
+            for split, exs in splits[fam].items():
+                if exs:
+                    write_jsonl(out / "data" / f"{fam}.{split}.jsonl", fam, exs)
     return splits
 
 
-def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None:
+def total_steps(config: ZooConfig) -> int:
+    return config.base_steps + config.expert_steps * len(config.families)
+
+
+def _stepper(label: str, progress: Progress | None, total: int) -> Callable[[int, float], None]:
+    def on_step(step: int, loss: float) -> None:
+        if progress is not None:
+            progress(f"{label} loss {loss:.3f}", step + 1, total)
+
+    return on_step
+
+
+def build_base(config: ZooConfig, out: Path, progress: Progress | None = None) -> None:
+    """Data files, tokenizer and base model into ``out`` (progress: steps of the base, of ``base_steps``)."""
     # 1. data: disjoint train/dev/test per family.
     splits = _split_data(config, out)
     base_families = config.base_families or config.families
@@ -140,10 +229,9 @@ def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None
     # 2. tokenizer, trained on the training text only.
     texts = [PROMPT.format(question=q) + f" {a}\n" for fam in trained for q, a in splits[fam]["train"]]
     tok = train_tokenizer(texts, vocab_size=config.vocab_size)
-    encoded = {fam: [encode_row(tok, q, a) for q, a in splits[fam]["train"]] for fam in trained}
-    pad_id = int(tok.pad_token_id)
+    encoded = {fam: [encode_row(tok, q, a) for q, a in splits[fam]["train"]] for fam in base_families}
 
-    # 3. base on the mix, then one expert per family.
+    # 3. the base on the mix of its families.
     torch.manual_seed(config.seed)
     llama = LlamaConfig(
         vocab_size=len(tok),
@@ -159,18 +247,6 @@ def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None
         tie_word_embeddings=False,
     )
     base = LlamaForCausalLM(llama)
-    total = config.base_steps + config.expert_steps * len(config.families)
-    done = 0
-
-    def stepper(label: str) -> Callable[[int, float], None]:
-        def on_step(step: int, loss: float) -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(f"{label} loss {loss:.3f}", done, total)
-
-        return on_step
-
     mix = [row for fam in base_families for row in encoded[fam]]
     train(
         base,
@@ -179,30 +255,38 @@ def _build_into(config: ZooConfig, out: Path, progress: Progress | None) -> None
         lr=config.base_lr,
         batch_size=config.batch_size,
         seed=config.seed,
-        pad_id=pad_id,
-        on_step=stepper("base"),
+        pad_id=int(tok.pad_token_id),
+        on_step=_stepper("base", progress, config.base_steps),
     )
     save_model(base, tok, out / "base")
-    for i, fam in enumerate(config.families):
-        expert = copy.deepcopy(base)
-        # Replay: a share of the base's data (or of the other families') keeps the expert from forgetting
-        # what it knew, as real fine-tunes of a large base mostly do; the task vector is then a
-        # specialisation, not a rewrite.
-        if config.base_families:
-            others = [row for f in config.base_families for row in encoded[f]]
-        else:
-            others = [row for f in config.families if f != fam for row in encoded[f]]
-        n_replay = min(len(others), round(len(encoded[fam]) * config.replay / (1 - config.replay)))
-        replay_rows = random.Random(config.seed + 100 + i).sample(others, n_replay)
-        train(
-            expert,
-            encoded[fam] + replay_rows,
-            steps=config.expert_steps,
-            lr=config.expert_lr,
-            batch_size=config.batch_size,
-            seed=config.seed + 1 + i,
-            pad_id=pad_id,
-            on_step=stepper(f"expert {fam}"),
-            frozen=config.expert_frozen,
-        )
-        save_model(expert, tok, out / "experts" / fam)
+
+
+def build_expert(config: ZooConfig, out: Path, family: str, progress: Progress | None = None) -> None:
+    """Fine-tune the expert of ``family`` from ``out/base`` into ``out/experts/<family>`` (progress: its
+    steps, of ``expert_steps``). Experts are independent of each other: any order, any process."""
+    i = config.families.index(family)
+    splits = _split_data(config, out, write=False)
+    tok = PreTrainedTokenizerFast.from_pretrained(out / "base")
+    rows = {f: [encode_row(tok, q, a) for q, a in splits[f]["train"]] for f in splits if splits[f]["train"]}
+    expert = LlamaForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    # Replay: a share of the base's data (or of the other families') keeps the expert from forgetting
+    # what it knew, as real fine-tunes of a large base mostly do; the task vector is then a
+    # specialisation, not a rewrite.
+    if config.base_families:
+        others = [row for f in config.base_families for row in rows[f]]
+    else:
+        others = [row for f in config.families if f != family for row in rows[f]]
+    n_replay = min(len(others), round(len(rows[family]) * config.replay / (1 - config.replay)))
+    replay_rows = random.Random(config.seed + 100 + i).sample(others, n_replay)
+    train(
+        expert,
+        rows[family] + replay_rows,
+        steps=config.expert_steps,
+        lr=config.expert_lr,
+        batch_size=config.batch_size,
+        seed=config.seed + 1 + i,
+        pad_id=int(tok.pad_token_id),
+        on_step=_stepper(f"expert {family}", progress, config.expert_steps),
+        frozen=config.expert_frozen,
+    )
+    save_model(expert, tok, out / "experts" / family)

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # Bump when task generators, tokenizer or training change: cached zoos are then rebuilt.
-ZOO_VERSION = 2
+ZOO_VERSION = 3
 # Bump when data, training or the layout change: cached smollm2 zoos are then rebuilt.
 SMOLLM2_VERSION = 1
 
@@ -68,7 +68,8 @@ class ZooConfig(BaseModel):
     # Weights the experts' fine-tuning leaves as they are (name prefixes), as LoRA-style fine-tunes leave
     # the embeddings and the output head: there every fine-tune moves the same way (sharper logits).
     expert_frozen: tuple[str, ...] = ()
-    # Torch threads while training: one thread makes the build bit-identical on any machine and load.
+    # Torch threads while training (in a child with pinned kernels, evomerge/zoo/train_worker.py): one
+    # thread makes the build bit-identical on any x86-64 machine with AVX2 and under any load.
     threads: int = Field(default=1, ge=1)
     # Enforced build gates (None: the figures are still measured and written into zoo.json).
     gates: ZooGates | None = None
@@ -165,10 +166,10 @@ PRESETS: dict[str, ZooConfig] = {
         base_families=("arith1", "code1", "logic1", "bridge"),
         held_out=("comp",),
         base_steps=1500,
-        expert_steps=400,
+        expert_steps=600,
         batch_size=32,
         expert_lr=4.5e-4,
-        replay=0.3,
+        replay=0.5,
         expert_frozen=("model.embed_tokens", "lm_head"),
         gates=ZooGates(),
     ),
