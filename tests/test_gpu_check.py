@@ -293,9 +293,9 @@ def test_a_failing_step_stops_the_run_and_keeps_what_was_measured(tmp_path: Path
     results = json.loads((out / "results.json").read_text())
     assert [(n, s["status"]) for n, s in results["steps"].items()] == [
         ("merge", "failed"),
-        ("polish", "skipped"),
+        ("polish", "failed"),
     ]
-    assert "no polish stage" in results["steps"]["polish"]["reason"]
+    assert results["steps"]["polish"]["error"].startswith("no CUDA device")
     assert_summary_matches(results, (out / "summary.md").read_text())
 
 

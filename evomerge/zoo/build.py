@@ -45,6 +45,14 @@ from evomerge.zoo.tasks import CAPACITY, generate, write_jsonl
 from evomerge.zoo.tokenizer import train_tokenizer
 from evomerge.zoo.training import encode_row, save_model, train
 
+DETERMINISTIC_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "COMPATIBLE",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+"""The training children's kernels: the same bits on any x86-64 CPU with AVX2 (evomerge.zoo.train_worker)."""
+
 
 def build_zoo(
     spec: str | AnyZooConfig = "tiny",
@@ -95,8 +103,6 @@ def train_isolated(config: ZooConfig, out: Path, progress: Progress | None) -> N
     CPU-independent kernels (:mod:`evomerge.zoo.train_worker`): the same weights on any x86-64 machine
     with AVX2. The base trains first; then the experts, each on one thread, as many at a time as the
     machine has cores (they do not depend on each other)."""
-    from evomerge.zoo.train_worker import DETERMINISTIC_ENV
-
     # the children import this very evomerge (not another install that a working directory may shadow)
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")

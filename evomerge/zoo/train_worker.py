@@ -5,7 +5,7 @@ Floating-point kernels are chosen per CPU: ATen vectorizes for the widest instru
 few thousand steps amplifies those last-bit differences into other weights and other scores: the same
 config built on two machines gave experts whose scores differed by several points (and a gate missed on
 one of them). Both libraries can be pinned, but only before torch is imported, so the build trains in
-a child started with :data:`DETERMINISTIC_ENV`:
+a child started with :data:`evomerge.zoo.build.DETERMINISTIC_ENV`:
 
 * ``ATEN_CPU_CAPABILITY=avx2``: ATen's AVX2 kernels, also on CPUs with AVX-512 (every x86-64 server
   CPU since 2013 has AVX2; on one without it ATen falls back to plain kernels and the bits differ);
@@ -28,13 +28,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-
-DETERMINISTIC_ENV = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "COMPATIBLE",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
 
 
 def main(argv: list[str]) -> int:
