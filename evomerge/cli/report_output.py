@@ -30,11 +30,26 @@ def print_final_report(final: Any, tasks: list[str], *, recipe: bool = True) -> 
     """The best recipe (as written), the held-out test table, the files written and the verdict line."""
     from evomerge.optimizer import verdict_line
 
+    stage = final.polish
+    if stage is not None:
+        for run in stage.runs:
+            console.print(
+                f"polish: {escape(run.label)}: dev {run.start_dev:.3f} -> {run.best_dev:.3f} (step "
+                f"{run.best_step}), val {run.val_mean:.3f} ({run.seconds:.0f} s)"
+            )
+        console.print(
+            f"polish: unpolished pick val {stage.pick_val:.3f}; result: "
+            + escape(stage.chosen or "the unpolished pick")
+        )
     if recipe:
         picked = "" if final.best_val is None else f", val mean {final.best_val:.3f} (picked on val)"
-        console.print(
-            f"[bold]Best recipe[/] (trial {final.best_number}, dev mean {final.best_dev.mean:.3f}{picked}):"
+        polished = None if stage is None else stage.chosen_run()
+        what = (
+            f"trial {final.best_number}, dev mean {final.best_dev.mean:.3f}"
+            if polished is None
+            else f"{escape(polished.label)}, dev mean {polished.best_dev:.3f}"
         )
+        console.print(f"[bold]Best recipe[/] ({what}{picked}):")
         recipe_file = final.paths.get("best_recipe")
         recipe_text = Path(recipe_file).read_text() if recipe_file else final.best_recipe.to_yaml()
         console.print(Syntax(recipe_text, "yaml"))

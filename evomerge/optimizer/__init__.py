@@ -9,10 +9,17 @@ from evomerge.optimizer.config import (
     load_sweep_config,
 )
 from evomerge.optimizer.evaluator import LocalEvaluator
-from evomerge.optimizer.export import export_trial, load_run, load_study, pick_trial, trial_recipe
+from evomerge.optimizer.export import (
+    export_trial,
+    load_run,
+    load_study,
+    pick_trial,
+    trial_recipe,
+    uniform_task_arithmetic,
+)
 from evomerge.optimizer.loop import TrialOutcome, run_search
 from evomerge.optimizer.pick import PickResult, honest_pick
-from evomerge.optimizer.report import FinalReport, Row, final_report, uniform_task_arithmetic, verdict_line
+from evomerge.optimizer.report import FinalReport, Row, final_report, verdict_line
 from evomerge.optimizer.study import (
     best_trial,
     complete_trials,

@@ -146,6 +146,39 @@ class PickConfig(BaseModel):
         return self.top_k > 0
 
 
+class PolishConfig(BaseModel):
+    """Gradient polish (evomerge/optimizer/polish.py): the ``polish:`` stage of a sweep, which runs after
+    the search and before the test report, and ``evomerge polish RUN_DIR``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    objective: Literal["ce", "kl", "entropy"] = "ce"
+    steps: int = Field(default=200, ge=1)
+    lr: float = Field(default=0.02, gt=0.0)
+    batch_size: int = Field(default=16, ge=1)
+    eval_every: int = Field(default=25, ge=1)
+    patience: int = Field(default=3, ge=1)
+    """Dev evaluations without a gain before training stops."""
+    max_examples: int = Field(default=2000, ge=1)
+    """Training prompts per task (a seeded draw when the file has more)."""
+    max_len: int = Field(default=128, ge=8)
+    seed: int = 0
+    data: dict[str, str] = Field(default_factory=dict)
+    """Task name -> JSONL of training prompts (``question``, ``answer``), instead of the default file."""
+    domains: dict[str, str] = Field(default_factory=dict)
+    """For ``kl``: task name -> expert (directory name or path) whose distribution is the target."""
+    starts: tuple[Literal["pick", "uniform"], ...] = Field(default=("pick", "uniform"), min_length=1)
+    """The sweep stage polishes each of these (the search's pick; uniform task arithmetic, weight 1/N) and
+    keeps whichever of them and the unpolished pick has the best val mean."""
+
+    @field_validator("starts")
+    @classmethod
+    def _distinct_starts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"starts: {list(v)} names a start twice")
+        return v
+
+
 class SweepConfig(BaseModel):
     """One sweep. Either ``zoo`` (a zoo preset or zoo YAML that provides models and tasks) or both
     ``models`` and ``tasks`` must be given."""
@@ -181,6 +214,8 @@ class SweepConfig(BaseModel):
     # that runs it: the optimizer does not depend on fusion): distils other-architecture sources into
     # the materialized best model.
     fusion: dict[str, Any] | None = None
+    polish: PolishConfig | None = None
+    """Gradient polish after the search (see :class:`PolishConfig`); null: none."""
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -195,6 +230,18 @@ class SweepConfig(BaseModel):
             raise ValueError(f"tasks: duplicate task name in {names}")
         if self.fidelity is not None and self.multi_objective:
             raise ValueError("fidelity: pruning needs a single-objective sampler (not nsga2)")
+        if self.polish is not None:
+            methods = self.search_space.candidate_methods
+            if "pick" in self.polish.starts and methods != ("task_arithmetic",):
+                raise ValueError(
+                    f"polish: start 'pick' trains task-arithmetic coefficients, and this search space's "
+                    f"method is {' / '.join(methods)} (search method: task_arithmetic, or polish starts: "
+                    "[uniform])"
+                )
+            if self.backend.kind != "hf":
+                raise ValueError("polish: needs the transformers backend (backend: {kind: hf})")
+            if not self.pick_enabled:
+                raise ValueError("polish: chooses among the polished starts on the val split; it needs pick")
         for i, task in enumerate(self.tasks):
             if not task.has_split("dev"):
                 raise ValueError(

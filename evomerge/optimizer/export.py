@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,16 @@ def export_trial(
     if materialize is not None:
         merge_streaming(recipe, materialize, overwrite=overwrite, progress=progress)
     return chosen, recipe
+
+
+def uniform_task_arithmetic(base: str, experts: Sequence[str], weight: float) -> MergeRecipe:
+    """Task arithmetic with one weight for every expert (the report's uniform baselines, polish's
+    ``uniform`` start)."""
+    return MergeRecipe.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [{"model": e, "parameters": {"weight": weight}} for e in experts],
+            "dtype": "float32",
+        }
+    )

@@ -33,42 +33,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.checkpoints.layers import layer_index
 from evomerge.errors import ConfigError
 from evomerge.evaluators.tasks import Example, TaskConfig, load_train
 from evomerge.merging import MergeRecipe
 from evomerge.merging.recipe import resolve_params
+from evomerge.optimizer.config import PolishConfig
 
 __all__ = ["PolishConfig", "PolishResult", "polish_recipe", "slot_of"]
 
 PARTS = ("self_attn", "mlp", "rest")
-
-
-class PolishConfig(BaseModel):
-    """The ``polish:`` stage (``evomerge polish RUN_DIR``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    objective: Literal["ce", "kl", "entropy"] = "ce"
-    steps: int = Field(default=200, ge=1)
-    lr: float = Field(default=0.02, gt=0.0)
-    batch_size: int = Field(default=16, ge=1)
-    eval_every: int = Field(default=25, ge=1)
-    patience: int = Field(default=3, ge=1)
-    """Dev evaluations without a gain before training stops."""
-    max_examples: int = Field(default=2000, ge=1)
-    """Training prompts per task (a seeded draw when the file has more)."""
-    max_len: int = Field(default=128, ge=8)
-    seed: int = 0
-    data: dict[str, str] = Field(default_factory=dict)
-    """Task name -> JSONL of training prompts (``question``, ``answer``), instead of the default file."""
-    domains: dict[str, str] = Field(default_factory=dict)
-    """For ``kl``: task name -> expert (directory name or path) whose distribution is the target."""
 
 
 @dataclass

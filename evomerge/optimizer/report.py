@@ -2,9 +2,11 @@
 
 Fitness only ever saw the dev split. The searched recipe is picked among the top dev trials on the
 ``val`` split (:mod:`evomerge.optimizer.pick`), then compared on the **test** split with the base, each
-expert alone and uniform task-arithmetic baselines. The report ends with a verdict line: the searched
-recipe against the best expert and the best uniform merge (each chosen by its val mean, or by its test
-mean when there is no val split), the difference of test means and its standard error (paired over
+expert alone and uniform task-arithmetic baselines. A ``polish:`` stage
+(:mod:`evomerge.optimizer.polish_stage`) may replace the pick with a polished start that beats it on
+val. The report ends with a verdict line: the sweep's result against the best expert and the best
+uniform merge (each chosen by its val mean, or by its test mean when there is no val split), the
+difference of test means and its standard error (paired over
 the same test questions), and whether it is a win, a loss or within noise (:data:`WIN_SE`).
 """
 
@@ -26,9 +28,10 @@ from evomerge.evaluators import EvalResult
 from evomerge.evaluators.tasks import Split
 from evomerge.merging import MergeRecipe, merge_streaming
 from evomerge.optimizer.evaluator import LocalEvaluator
-from evomerge.optimizer.export import trial_recipe
+from evomerge.optimizer.export import trial_recipe, uniform_task_arithmetic
 from evomerge.optimizer.pick import PickResult, honest_pick, skipped_reason, val_tasks
 from evomerge.optimizer.plots import write_report_plots
+from evomerge.optimizer.polish_stage import PolishStage, polish_section, run_polish_stage, stage_json
 from evomerge.optimizer.study import complete_trials, dev_best_trial, pareto_front
 from evomerge.optimizer.sweep import ResolvedSweep
 from evomerge.search_spaces import expert_aliases
@@ -43,7 +46,9 @@ two-sided interval); closer than that it is within noise."""
 @dataclass(frozen=True)
 class Row:
     """One model's scores. ``kind``: ``base``, ``expert``, ``uniform`` (a uniform task-arithmetic
-    baseline), ``searched`` or ``trial``. ``val_mean``: its mean on the val split where scored (what the
+    baseline), ``searched`` (the sweep's result: the pick, or its ``polish:`` stage's choice), ``trial``
+    (the unpolished pick when a polished start replaced it) or ``polished`` (a polished start that did
+    not). ``val_mean``: its mean on the val split where scored (what the
     verdict chooses the best expert and uniform merge by). ``counts`` and ``questions`` (per task: the
     number of questions and each question's score, in the split's fixed order) give the verdict's
     standard errors; ``questions`` is left out of comparisons and of ``results.json``."""
@@ -106,27 +111,19 @@ class FinalReport:
     pick: PickResult | None = None
     verdict: Verdict | None = None
     notes: list[str] = field(default_factory=list)
+    polish: PolishStage | None = None
+    """The ``polish:`` stage, where the sweep has one (``best_recipe`` is then its result)."""
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(dataclasses.replace(self, polish=None))
         data["best_recipe"] = self.best_recipe.to_dict()
+        data["polish"] = None if self.polish is None else stage_json(self.polish)
         for key in ("test", "pareto"):
             for row in data[key]:
                 row.pop("questions", None)
         data["best_dev"].pop("questions", None)
         data["verdict_line"] = verdict_line(self)
         return data
-
-
-def uniform_task_arithmetic(base: str, experts: Sequence[str], weight: float) -> MergeRecipe:
-    return MergeRecipe.model_validate(
-        {
-            "merge_method": "task_arithmetic",
-            "base_model": base,
-            "models": [{"model": e, "parameters": {"weight": weight}} for e in experts],
-            "dtype": "float32",
-        }
-    )
 
 
 def _trial_row(t: FrozenTrial, tasks: Sequence[str]) -> Row:
@@ -279,6 +276,23 @@ def final_report(
         if missing:
             notes.append(f"val covers {', '.join(pick.val_tasks)} only ({', '.join(missing)}: no val split)")
     recipe = trial_recipe(best)
+    searched_label = f"searched (trial {best.number})"
+    polish: PolishStage | None = None
+    if config.polish is not None:
+        if pick is None:
+            notes.append(
+                "polish: not run: it chooses among the polished starts on the val split, and there is none"
+            )
+        else:
+            polish = run_polish_stage(
+                sweep,
+                evaluator,
+                recipe,
+                searched_label,
+                pick.candidate(best.number).val_mean,
+                progress=progress,
+            )
+    polished = None if polish is None else polish.chosen_run()
 
     n = len(sweep.experts)
     # (label, kind, what to score): None is the base, a str an expert directory, a recipe a merge.
@@ -289,7 +303,9 @@ def final_report(
         label = f"task arithmetic w=1/{n}" if w == 0 else f"task arithmetic w={w:g}"
         weight = 1.0 / n if w == 0 else w
         entries.append((label, "uniform", uniform_task_arithmetic(sweep.base, sweep.experts, weight)))
-    entries.append((f"searched (trial {best.number})", "searched", recipe))
+    entries.append((searched_label, "searched" if polished is None else "trial", recipe))
+    for run in [] if polish is None else polish.runs:
+        entries.append((run.label, "searched" if run is polished else "polished", run.recipe))
 
     def score(what: str | MergeRecipe | None, split: Split, step: Any, tasks: Any = None) -> EvalResult:
         if what is None:
@@ -319,7 +335,12 @@ def final_report(
 
             val = score(what, "val", vstep, vtasks)
             test_rows[i] = dataclasses.replace(test_rows[i], val_mean=float(val.mean))
-        test_rows[-1] = dataclasses.replace(test_rows[-1], val_mean=pick.candidate(best.number).val_mean)
+        val_means = {searched_label: pick.candidate(best.number).val_mean}
+        val_means.update({run.label: run.val_mean for run in ([] if polish is None else polish.runs)})
+        test_rows = [
+            dataclasses.replace(r, val_mean=val_means[r.name]) if r.name in val_means else r
+            for r in test_rows
+        ]
 
     evaluated = [t for t in trials if "merge_seconds" in t.user_attrs]  # not the repeats (duplicate_of)
     merge_s = [float(t.user_attrs["merge_seconds"]) for t in evaluated]
@@ -338,29 +359,38 @@ def final_report(
         n_pruned=len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
         best_number=best.number,
         best_dev=_trial_row(best, tasks),
-        best_recipe=recipe,
+        best_recipe=recipe if polished is None else polished.recipe,
         pareto=[_trial_row(t, tasks) for t in pareto_front(trials, tasks)],
         test=test_rows,
         mean_merge_seconds=sum(merge_s) / max(1, len(merge_s)),
         mean_eval_seconds=sum(eval_s) / max(1, len(eval_s)),
         weights=weights,
         dev_best_number=dev_best.number,
-        best_val=None if pick is None else pick.candidate(best.number).val_mean,
+        best_val=(
+            None
+            if pick is None
+            else pick.candidate(best.number).val_mean
+            if polished is None
+            else polished.val_mean
+        ),
         pick=pick,
+        polish=polish,
         verdict=verdict_of(test_rows, weights),
         notes=notes,
     )
     recipe_path = run_dir / "best_recipe.yaml"
     val_note = "" if report.best_val is None else f", val mean {report.best_val:.4f} (picked on val)"
+    what = f"trial {best.number}, dev mean {report.best_dev.mean:.4f}"
+    if polished is not None:
+        what = f"{polished.label}, dev mean {polished.best_dev:.4f}"
     write_text_atomic(
         recipe_path,
-        f"# evomerge: study {config.study_name}, trial {best.number}, dev mean {report.best_dev.mean:.4f}"
-        f"{val_note}\n" + recipe.to_yaml(),
+        f"# evomerge: study {config.study_name}, {what}{val_note}\n" + report.best_recipe.to_yaml(),
     )
     report.paths["best_recipe"] = str(recipe_path)
     if config.materialize_best:
         model_dir = run_dir / "best_model"
-        merge_streaming(recipe, model_dir, overwrite=True, progress=materialize_progress)
+        merge_streaming(report.best_recipe, model_dir, overwrite=True, progress=materialize_progress)
         report.paths["best_model"] = str(model_dir)
     plots = write_report_plots(study, tasks, run_dir, num_layers=evaluator.merger.num_layers)
     report.paths.update({name: str(path) for name, path in plots.items()})
@@ -415,6 +445,13 @@ def _pick_section(report: FinalReport) -> list[str]:
     return lines
 
 
+def _best_what(report: FinalReport) -> str:
+    polished = None if report.polish is None else report.polish.chosen_run()
+    if polished is not None:
+        return f"{polished.label}, dev mean {polished.best_dev:.4f}"
+    return f"trial {report.best_number}, dev mean {report.best_dev.mean:.4f}"
+
+
 def render_markdown(report: FinalReport) -> str:
     """The report; its last line is the verdict (:func:`verdict_line`)."""
     val = "" if report.best_val is None else f", val mean {report.best_val:.4f}"
@@ -439,11 +476,12 @@ def render_markdown(report: FinalReport) -> str:
         *_table(report.test, report.tasks, "model"),
         "",
         *_pick_section(report),
+        *([] if report.polish is None else polish_section(report.polish)),
         "## Pareto front (dev split)",
         "",
         *_table(report.pareto, report.tasks, "trial"),
         "",
-        f"## Best recipe (trial {report.best_number}, dev mean {report.best_dev.mean:.4f}{val})",
+        f"## Best recipe ({_best_what(report)}{val})",
         "",
         "```yaml",
         report.best_recipe.to_yaml().rstrip(),
