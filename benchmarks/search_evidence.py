@@ -18,7 +18,9 @@ mean re-scored on the val questions the search never saw; the best val mean is t
 - ``methods-learned`` and ``methods-uniform``: CMA-ES over per-layer weights and densities with the
   method (task arithmetic, TIES, DARE) as a gene, chosen by the bandit of
   ``evomerge/optimizer/method_choice.py`` (the default) or uniformly for every trial; the JSON records
-  each trial's method.
+  each trial's method;
+- ``cmaes-anchors``: ``cmaes`` with anchor-question fitness (``fidelity: {anchors: 10}``): its search
+  seconds and pruned trials against ``cmaes``'s at the same number of complete trials.
 
 Every search enqueues the product's default seeds first (uniform task arithmetic, each expert alone).
 Baselines, each chosen by its mean over dev and val (every non-test question, more than any search
@@ -78,6 +80,13 @@ ARMS: dict[str, tuple[SearchSpaceConfig, dict[str, Any]]] = {
     # issue 14: the method gene learned by a bandit (the default) vs drawn uniformly for every trial
     "methods-learned": (METHODS, {"name": "cmaes"}),
     "methods-uniform": (METHODS, {"name": "cmaes", "method_choice": "uniform"}),
+    # issue 14: the default search with anchor-question fitness (10 anchors per task; the rest of dev only
+    # for candidates whose estimate reaches the median); the budget still counts complete trials
+    "cmaes-anchors": (LAYERWISE, {"name": "cmaes"}),
+}
+# Sweep settings an arm adds to the default sweep.
+ARM_SWEEP: dict[str, dict[str, Any]] = {
+    "cmaes-anchors": {"fidelity": {"anchors": 10, "n_startup_trials": 10}}
 }
 
 
@@ -178,9 +187,12 @@ def run_zoo(zoo_seed: int, args: argparse.Namespace, workdir: Path) -> dict[str,
                 sampler=SamplerConfig(**sampler, seed=seed),
                 n_trials=args.budget,
                 backend={"batch_size": 256},
+                **ARM_SWEEP.get(arm, {}),
             )
             sweep = resolve_sweep(cfg, zoo_cache=args.cache_dir)
+            t_search = time.perf_counter()
             study = run_search(sweep, evaluator)
+            search_s = time.perf_counter() - t_search
             complete = sorted(
                 study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
                 key=lambda t: t.number,
@@ -202,6 +214,8 @@ def run_zoo(zoo_seed: int, args: argparse.Namespace, workdir: Path) -> dict[str,
                     "test": picked,
                     "dev_best_test": dev_best,
                     "curve": curve,
+                    "search_s": round(search_s, 2),
+                    "pruned": len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))),
                     # the method of each trial the sampler chose (seeds excluded), in trial order
                     "methods": [
                         t.params["method"]
@@ -212,7 +226,7 @@ def run_zoo(zoo_seed: int, args: argparse.Namespace, workdir: Path) -> dict[str,
             )
             print(
                 f"zoo {zoo_seed} {arm} seed {seed}: pick trial {pick.picked} test {picked['mean']:.3f} "
-                f"(dev-best trial {pick.dev_best} test {dev_best['mean']:.3f})",
+                f"(dev-best trial {pick.dev_best} test {dev_best['mean']:.3f}); search {search_s:.1f} s",
                 flush=True,
             )
         out["arms"][arm] = {

@@ -122,3 +122,57 @@ def test_a_task_without_training_prompts_is_not_trained_on(evaluator: LocalEvalu
     dev.write_text('{"question": "1+1", "answer": "2"}\n')
     held_out = task.model_copy(update={"name": "held", "data_files": {"dev": str(dev), "test": str(dev)}})
     assert _training_examples(held_out, data_dir, PolishConfig()) is None
+
+
+def test_polish_of_a_model_with_tied_embeddings(micro_zoo: Zoo, tmp_path: Path) -> None:
+    """SmolLM2 ties lm_head to the embeddings and stores them once: the dev evaluations load the merged
+    embeddings for both names, and the tied output layer trains with them (a real bug on SmolLM2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = AutoModelForCausalLM.from_pretrained(micro_zoo.base)
+    tokenizer = AutoTokenizer.from_pretrained(micro_zoo.base)
+    config = source.config
+    config.tie_word_embeddings = True
+    dirs = []
+    for i in range(3):  # the base and two experts: the base plus seeded noise
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(source.state_dict(), strict=False)
+        model.tie_weights()
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * p.std() * torch.randn_like(p))
+        out = tmp_path / f"m{i}"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        dirs.append(str(out))
+    zoo_sweep = resolve_sweep(SweepConfig(study_name="z", runs_dir=str(tmp_path), zoo="micro"))
+    cfg = SweepConfig(
+        study_name="tied",
+        runs_dir=str(tmp_path / "runs"),
+        models={"base": dirs[0], "experts": dirs[1:]},
+        tasks=zoo_sweep.tasks,
+        data_dir=zoo_sweep.data_dir,
+    )
+    evaluator = LocalEvaluator(resolve_sweep(cfg))
+    assert evaluator.backend.model.lm_head.weight is evaluator.backend.model.model.embed_tokens.weight
+    start = MergeRecipe.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": dirs[0],
+            "models": [{"model": d, "parameters": {"weight": 0.5}} for d in dirs[1:]],
+        }
+    )
+    result = polish_recipe(start, evaluator, PolishConfig(steps=4, eval_every=2, lr=0.05, batch_size=8))
+    assert [h["step"] for h in result.history] == [0, 1, 2, 3, 4]
+    assert "lm_head.weight" not in result.state  # stored once, as the checkpoints store it
+    assert len(set(losses(result.history))) == 4  # it trained through the tied output layer
+    # the kept coefficients: moved where a step beat the start on dev (slot of the embeddings: layer 0, rest)
+    theta = result.recipe.expert_models()[0].parameters["weight"]
+    assert isinstance(theta, tuple)
+    rest = next(rule for rule in theta if rule.filter is None)
+    assert isinstance(rest.value, tuple)
+    assert (rest.value[0] == pytest.approx(0.5, abs=1e-6)) == (result.best_step == 0)
+    evaluator.score_state(result.state, "dev")  # loads: the tied names agree
+    assert torch.equal(evaluator.backend.model.lm_head.weight, result.state["model.embed_tokens.weight"])

@@ -255,6 +255,18 @@ class HFBackend:
         """A detached copy of the live weights (one entry per state-dict name, tied names included)."""
         return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
 
+    def with_live(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The live weights with ``state`` over them: a complete state for :meth:`load_state_dict`. A tied
+        group (``lm_head.weight`` and ``model.embed_tokens.weight``) named in ``state`` takes its value
+        from ``state`` alone, so the live copy of the other name cannot contradict it."""
+        out = self.state_dict()
+        for group in self._param_groups:
+            if any(name in state for name in group):
+                for name in group:
+                    out.pop(name, None)
+        out.update(state)
+        return out
+
     def load_state_dict(self, state: Mapping[str, torch.Tensor], *, check: bool = True) -> None:
         """Copy ``state`` into the live model's parameters and buffers, in place.
 

@@ -287,7 +287,7 @@ def polish_recipe(
     def dev_mean() -> float:
         with torch.no_grad():
             state = {k: v.detach() for k, v in merged(coeffs.theta).items()}
-        result = evaluator.score_state({**backend.state_dict(), **state}, "dev")
+        result = evaluator.score_state(backend.with_live(state), "dev")
         return float(result.mean)
 
     generator_state = torch.random.get_rng_state()
