@@ -112,7 +112,7 @@ def main() -> None:
     before_load = peak.reset()
     evaluator = LocalEvaluator(sweep)
     recipe = uniform_task_arithmetic(base, experts, 1.0 / len(experts))
-    evaluator.merger.resident_inputs(recipe)  # the base and task vectors resident, as in a sweep
+    evaluator.merger.resident_tensors(recipe)  # the base and task vectors resident, as in a sweep
     loaded = peak.reset()
     t0 = time.perf_counter()
     evaluator.score_recipe(recipe, "dev")

@@ -573,3 +573,40 @@ def test_search_then_polish(home: Zoo, tmp_path: Path, capsys: pytest.CaptureFix
     assert_one_error_line(capsys.readouterr().err, "--objective")
     assert not (tmp_path / "p2").exists()
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_search_with_a_polish_stage(home: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    cfg = tmp_path / "sweep.yaml"
+    sweep = {
+        "study_name": "cli-stage",
+        "zoo": "micro",
+        "runs_dir": str(runs),
+        "n_trials": 2,
+        "sampler": {"name": "random", "seed": 1},
+        "seed_recipes": [],
+        "search_space": {
+            "method": "task_arithmetic",
+            "params": [{"name": "weight", "low": 0.0, "high": 1.5}],
+            "granularity": "layer",
+        },
+        "polish": {"steps": 2, "eval_every": 1, "starts": ["uniform"]},
+    }
+    cfg.write_text(yaml.safe_dump(sweep))
+    assert run(["search", cfg]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((runs / "cli-stage" / "results.json").read_text())
+    stage = results["polish"]
+    (polished,) = stage["runs"]
+    assert f"polish: {polished['label']}: dev " in out and "polish: unpolished pick val" in out
+    result = stage["chosen"] or stage["pick"]
+    assert (
+        results["verdict_line"].startswith("verdict on test (") and f"): {result} " in results["verdict_line"]
+    )
+    assert "verdict on test (" in out
+    # a stage the sweep cannot run is a usage error before anything is written
+    sweep.update(study_name="cli-stage-bad", pick=None)
+    cfg.write_text(yaml.safe_dump(sweep))
+    assert run(["search", cfg]) == 2
+    assert_one_error_line(capsys.readouterr().err, "polish", "needs pick")
+    assert not (runs / "cli-stage-bad").exists()

@@ -176,3 +176,28 @@ def test_polish_of_a_model_with_tied_embeddings(micro_zoo: Zoo, tmp_path: Path) 
     assert (rest.value[0] == pytest.approx(0.5, abs=1e-6)) == (result.best_step == 0)
     evaluator.score_state(result.state, "dev")  # loads: the tied names agree
     assert torch.equal(evaluator.backend.model.lm_head.weight, result.state["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_merge_function_and_its_gradient(dtype: torch.dtype) -> None:
+    """``b + sum_i c_i d_i`` from resident tensors of either dtype: the value and ``dL/dc`` equal plain
+    float32 autograd on float32 copies, and the residents are neither changed nor copied into the graph."""
+    from evomerge.optimizer.polish import _Combine
+
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(6, 5, generator=gen).to(dtype)
+    deltas = [torch.randn(6, 5, generator=gen).to(dtype) for _ in range(3)]
+    kept = [t.clone() for t in (b, *deltas)]
+    weights = torch.randn(6, 5, generator=gen)
+    c = torch.tensor([0.3, -1.2, 0.7], requires_grad=True)
+    out = _Combine.apply(c, b, *deltas)  # type: ignore[no-untyped-call]
+    assert out.dtype == torch.float32
+    (out * weights).sum().backward()
+    ref_c = c.detach().clone().requires_grad_(True)
+    ref = b.float() + sum(ref_c[i] * d.float() for i, d in enumerate(deltas))
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert c.grad is not None and ref_c.grad is not None
+    torch.testing.assert_close(c.grad, ref_c.grad, rtol=1e-5, atol=1e-5)
+    for before, after in zip(kept, (b, *deltas), strict=True):
+        assert torch.equal(before, after)

@@ -71,8 +71,8 @@ def test_the_stage_polishes_each_start_and_keeps_the_best_on_val(
         assert r.best_dev >= r.start_dev and 1 <= r.steps_run <= POLISH.steps
         assert set(r.val_scores) == {"arith", "code", "logic"}
     pick_run, uniform_run = stage.runs
-    assert pick_run.label == f"{stage.pick_label} + polish"
-    assert uniform_run.label == "task arithmetic w=1/3 + polish"
+    assert pick_run.label == f"{stage.pick_label} + polished"
+    assert uniform_run.label == "task arithmetic w=1/3 + polished"
     # the rule: the best val mean among the polished starts, if it beats the unpolished pick's
     best = max(stage.runs, key=lambda r: r.val_mean)
     assert stage.chosen == (best.label if best.val_mean > stage.pick_val else None)

@@ -481,11 +481,21 @@ class InMemoryMerger:
         deltas = tuple(torch.zeros_like(base) if j is None else f32(self._vectors[j][name]) for j in selected)
         return MergeInputs(base=base, deltas=deltas)
 
-    def resident_inputs(self, recipe: MergeRecipe) -> dict[str, MergeInputs]:
-        """The resident float tensors ``recipe`` merges, per tensor name in checkpoint order: the base
-        and one task vector per recipe model (float32; for gradient polish, which merges them itself)."""
+    def resident_tensors(
+        self, recipe: MergeRecipe
+    ) -> dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """The resident float tensors ``recipe`` merges, per tensor name in checkpoint order: the base and
+        one task vector per recipe model, as they are kept (``resident_dtype``: no float32 copy is made;
+        for gradient polish, which merges them itself). Read-only."""
         selected = self._select(recipe)
-        return {n: self._inputs(n, selected) for n in self._float_names}
+        if self._base is None:
+            raise RecipeError("resident_tensors: needs a base model (task vectors are taken against it)")
+        out = {}
+        for name in self._float_names:
+            base = self._base[name]
+            deltas = tuple(torch.zeros_like(base) if j is None else self._vectors[j][name] for j in selected)
+            out[name] = (base, deltas)
+        return out
 
     def iter_merged(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` for every tensor of the merged model, in checkpoint order.

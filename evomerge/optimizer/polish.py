@@ -143,6 +143,30 @@ class _Coefficients:
         return MergeRecipe.model_validate(data)
 
 
+class _Combine(torch.autograd.Function):
+    """``b + sum_i c_i d_i`` in float32 from the resident tensors (float32 or bfloat16), differentiable in
+    ``c`` only. Autograd keeps references to the resident tensors, never a float32 copy of them: the
+    gradient ``dL/dc_i = sum(dL/dW * d_i)`` is computed one task vector at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, c: torch.Tensor, b: torch.Tensor, *deltas: torch.Tensor) -> torch.Tensor:
+        ctx.deltas = deltas
+        ctx.c_device = c.device
+        out = b.float()  # a copy where b is not float32; cloned below otherwise (b is read-only)
+        if out is b:
+            out = out.clone()
+        for i, d in enumerate(deltas):
+            out.add_(d, alpha=float(c[i]))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = grads
+        grad = grad.float()
+        gc = torch.stack([(grad * d).sum(dtype=torch.float32) for d in ctx.deltas]).to(ctx.c_device)
+        return (gc, None, *(None for _ in ctx.deltas))
+
+
 def _batches(
     examples: Sequence[tuple[str, str, int]], batch_size: int, steps: int, seed: int
 ) -> list[list[tuple[str, str, int]]]:
@@ -180,7 +204,7 @@ def polish_recipe(
     model = backend.model
     tok = backend.tokenizer
     sweep = evaluator.sweep
-    base = merger.resident_inputs(recipe)
+    base = merger.resident_tensors(recipe)
     float_names = list(base)
     coeffs = _Coefficients(recipe, float_names, merger.num_layers, len(recipe.expert_models()))
     device = backend.device
@@ -189,12 +213,9 @@ def polish_recipe(
     def merged(theta: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for name in float_names:
-            inputs = base[name]
+            b, deltas = base[name]
             layer, part = coeffs.slots[name]
-            t = inputs.require_base()
-            for i, d in enumerate(inputs.deltas):
-                t = t + theta[i, layer, part] * d
-            out[name] = t.to(device, dtype)
+            out[name] = _Combine.apply(theta[:, layer, part], b, *deltas).to(device, dtype)  # type: ignore[no-untyped-call]
         return out
 
     # training rows: (prompt, answer, task index)

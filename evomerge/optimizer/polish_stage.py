@@ -77,10 +77,10 @@ def run_polish_stage(
     trainable, untrained = 0, []
     for start in cfg.starts:
         if start == "pick":
-            recipe, label = pick_recipe, f"{pick_label} + polish"
+            recipe, label = pick_recipe, f"{pick_label} + polished"
         else:
             recipe = uniform_task_arithmetic(sweep.base, sweep.experts, 1.0 / n)
-            label = f"task arithmetic w=1/{n} + polish"
+            label = f"task arithmetic w=1/{n} + polished"
 
         def step(done: int, total: int, loss: float, dev: float | None, label: str = label) -> None:
             if progress is not None:
