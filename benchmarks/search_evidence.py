@@ -20,7 +20,9 @@ mean re-scored on the val questions the search never saw; the best val mean is t
   ``evomerge/optimizer/method_choice.py`` (the default) or uniformly for every trial; the JSON records
   each trial's method;
 - ``cmaes-anchors``: ``cmaes`` with anchor-question fitness (``fidelity: {anchors: 10}``): its search
-  seconds and pruned trials against ``cmaes``'s at the same number of complete trials.
+  seconds and pruned trials against ``cmaes``'s at the same number of complete trials;
+- ``cmaes-lambda``: ``cmaes`` with task arithmetic's ``lambda`` searched (in [0.5, 2]) instead of fixed
+  at 1: a global parameter as a gene.
 
 Every search enqueues the product's default seeds first (uniform task arithmetic, each expert alone).
 Baselines, each chosen by its mean over dev and val (every non-test question, more than any search
@@ -83,6 +85,13 @@ ARMS: dict[str, tuple[SearchSpaceConfig, dict[str, Any]]] = {
     # issue 14: the default search with anchor-question fitness (10 anchors per task; the rest of dev only
     # for candidates whose estimate reaches the median); the budget still counts complete trials
     "cmaes-anchors": (LAYERWISE, {"name": "cmaes"}),
+    # issue 14: a method-wide parameter as a gene (task arithmetic's lambda searched in [0.5, 2], not fixed)
+    "cmaes-lambda": (
+        LAYERWISE.model_copy(
+            update={"global_parameters": {}, "global_params": (ParamRange(name="lambda", low=0.5, high=2.0),)}
+        ),
+        {"name": "cmaes"},
+    ),
 }
 # Sweep settings an arm adds to the default sweep.
 ARM_SWEEP: dict[str, dict[str, Any]] = {
