@@ -21,6 +21,12 @@ search`` runs it. From that one report (the same test questions for every row):
   seconds (at the search's own rate), picked again: search alone at equal wall time;
 - with ``--random``, the same sweep with random search instead of CMA-ES (its product and its pick).
 
+``--sweep YAML`` runs that sweep instead (its search space, backend and ``polish:``; the seed, budget and
+study name from here), e.g. on SmolLM2:
+
+    .venv/bin/python benchmarks/polish_effect.py --sweep experiments/smollm2-polish.yaml --budget 8 \
+        --seeds 1,2 --no-more-trials --json /tmp/polish-smollm2.json
+
 Spreads are standard deviations across seeds (the search seed and the polish's batch order).
 """
 
@@ -41,6 +47,7 @@ from evomerge.optimizer import (
     SamplerConfig,
     SweepConfig,
     final_report,
+    load_sweep_config,
     resolve_sweep,
     run_search,
 )
@@ -57,17 +64,32 @@ def _best_by_val(rows: list[Row], kind: str) -> Row:
 def product_run(
     name: str, sampler: str, seed: int, args: argparse.Namespace, workdir: Path
 ) -> tuple[dict[str, Any], FinalReport, Any, LocalEvaluator, float]:
-    cfg = SweepConfig(
-        study_name=f"{name}-{seed}",
-        runs_dir=str(workdir),
-        zoo="tiny",
-        search_space=LAYERWISE,
-        sampler=SamplerConfig(name=sampler, seed=seed),  # type: ignore[arg-type]
-        n_trials=args.budget,
-        backend={"batch_size": 256},
-        materialize_best=False,
-        polish=PolishConfig(objective=args.objective, steps=args.steps, lr=args.lr, seed=seed),
-    )
+    polish = PolishConfig(objective=args.objective, steps=args.steps, lr=args.lr, seed=seed)
+    if args.sweep is not None:  # a sweep YAML (e.g. experiments/smollm2-polish.yaml): its space and polish
+        base = load_sweep_config(args.sweep)
+        polish = (base.polish or polish).model_copy(update={"seed": seed})
+        cfg = base.model_copy(
+            update={
+                "study_name": f"{name}-{seed}",
+                "runs_dir": str(workdir),
+                "sampler": base.sampler.model_copy(update={"name": sampler, "seed": seed}),
+                "n_trials": args.budget,
+                "materialize_best": False,
+                "polish": polish,
+            }
+        )
+    else:
+        cfg = SweepConfig(
+            study_name=f"{name}-{seed}",
+            runs_dir=str(workdir),
+            zoo="tiny",
+            search_space=LAYERWISE,
+            sampler=SamplerConfig(name=sampler, seed=seed),  # type: ignore[arg-type]
+            n_trials=args.budget,
+            backend={"batch_size": 256},
+            materialize_best=False,
+            polish=polish,
+        )
     sweep = resolve_sweep(cfg, zoo_cache=args.cache_dir)
     evaluator = LocalEvaluator(sweep)
     t0 = time.perf_counter()
@@ -108,6 +130,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--objective", default="ce", choices=["ce", "kl", "entropy"])
     ap.add_argument("--random", action="store_true", help="Also run the sweep with random search.")
+    ap.add_argument(
+        "--sweep",
+        type=Path,
+        default=None,
+        help="A sweep YAML instead of the tiny zoo's (its polish: is used).",
+    )
+    ap.add_argument(
+        "--no-more-trials", action="store_true", help="Skip the search continued for the stage's wall time."
+    )
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -128,6 +159,10 @@ def main() -> None:
         add("best uniform merge (val-chosen)", record["best uniform merge"][1])
         add("product - best expert", record["verdict"]["best expert"]["diff"])
         add("product - best uniform merge", record["verdict"]["best uniform merge"]["diff"])
+        if args.no_more_trials:
+            print(f"seed {seed}: {json.dumps(record)}", flush=True)
+            per_seed.append(record)
+            continue
         # search alone at equal wall time: continue the study for the polish stage's seconds
         extra = max(1, round(record["polish_s"] / (search_s / args.budget)))
         more = resolve_sweep(

@@ -108,12 +108,6 @@ BAD_RECIPES: dict[str, tuple[Callable[[Path, Zoo], dict[str, Any]], tuple[str, .
     ),
     "density above 1": (lambda t, z: one_expert(z, z.experts["arith"], density=1.5), ("density", "(0, 1]")),
     "density 0": (lambda t, z: one_expert(z, z.experts["arith"], density=0.0), ("density", "(0, 1]")),
-    "per-layer list too long": (
-        lambda t, z: one_expert(
-            z, z.experts["arith"], weight=[0.1 * (i + 1) for i in range(z.config.num_layers + 1)]
-        ),
-        ("models[0].parameters.weight", "per-layer list has", "values but the model has"),
-    ),
     "missing model": (
         lambda t, z: one_expert(z, str(t / "no-such-model")),
         ("does not exist", "no-such-model"),

@@ -244,6 +244,39 @@ models:
 parameters: {filter_wise: true}
 dtype: float32
 """,
+    # gradients with more points than the 3 layers (mergekit interpolates any length over the stack)
+    "task_arithmetic_long_gradient": """
+merge_method: task_arithmetic
+base_model: $base
+models:
+  - model: $e0
+    parameters: {weight: [0.1, 0.9, 0.3, 0.7, 0.5]}
+  - model: $e1
+    parameters:
+      weight:
+        - filter: self_attn
+          value: [0.8, 0.1, 0.6, 0.2]
+        - value: [0.2, 0.4, 0.6, 0.8, 1.0, 0.3]
+dtype: float32
+""",
+    "slerp_5_point_gradient": """
+slices:
+  - sources:
+      - model: $base
+        layer_range: [0, 3]
+      - model: $e0
+        layer_range: [0, 3]
+merge_method: slerp
+base_model: $base
+parameters:
+  t:
+    - filter: self_attn
+      value: [0.2, 0.5, 0.3, 0.7, 0.9]
+    - filter: mlp
+      value: [0.9, 0.5, 0.7, 0.3, 0.1]
+    - value: 0.5
+dtype: float32
+""",
     # DARE/DELLA at density 1 draw no mask: deterministic, and they check the methods' defaults.
     "dare_ties_density_1": "merge_method: dare_ties\nbase_model: $base\nmodels:"
     + _three()

@@ -467,8 +467,11 @@ def test_resolve_scalars_lists_and_filters() -> None:
     assert resolve(only_mlp, q0, 5, default=0.25) == 0.25
     with pytest.raises(RecipeError, match="no filter rule matches"):
         resolve(only_mlp, q0, 5)
-    with pytest.raises(RecipeError, match=r"^w: per-layer list has 6 values but the model has 5 layers"):
-        resolve((0.1,) * 6, m1, 5, param="w")
+    # a gradient longer than the layer stack is interpolated over it, as mergekit does (no refusal):
+    # 6 points on 5 layers, layer 1 sits at depth 1/4, i.e. at 1.25 of the 5 gaps
+    six = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert resolve(six, m1, 5, param="w") == pytest.approx(0.25)
+    assert resolve((0.1, 0.9, 0.3, 0.7, 0.5), "model.layers.1.mlp.up_proj.weight", 3) == pytest.approx(0.3)
 
 
 def test_resolve_params_fills_defaults_and_global_fallbacks() -> None:
@@ -493,8 +496,7 @@ def test_resolve_params_fills_defaults_and_global_fallbacks() -> None:
 def test_check_layer_lists() -> None:
     recipe = MergeRecipe.from_yaml(EXAMPLE)
     check_layer_lists(recipe, 3)
-    with pytest.raises(RecipeError, match=r"^models\[0\]\.parameters\.density: per-layer list has 3 values"):
-        check_layer_lists(recipe, 2)
+    check_layer_lists(recipe, 2)  # a 3-point gradient on 2 layers is interpolated, as in mergekit
 
 
 # ============================================================================ executors
@@ -727,24 +729,26 @@ def test_missing_expert_dir(tmp_path: Path, family: tuple[Any, Path, list[Path]]
     _assert_untouched(tmp_path, [])
 
 
-def test_per_layer_list_too_long(tmp_path: Path, family: tuple[Any, Path, list[Path]]) -> None:
+def test_a_gradient_longer_than_the_layers_is_interpolated(
+    tmp_path: Path, family: tuple[Any, Path, list[Path]]
+) -> None:
+    """4 points on 3 layers: layer l takes the gradient at depth l / 2, as mergekit evaluates it."""
     _, base, experts = family
     recipe = MergeRecipe.model_validate(
         {
-            "merge_method": "ties",
+            "merge_method": "task_arithmetic",
             "base_model": str(base),
             "models": [{"model": str(experts[0]), "parameters": {"weight": [0.1, 0.2, 0.3, 0.4]}}],
         }
     )
-    with pytest.raises(RecipeError) as exc:
-        merge_streaming(recipe, tmp_path / "out")
-    assert (
-        _one_line(exc)
-        == "models[0].parameters.weight: per-layer list has 4 values but the model has 3 layers"
-    )
-    _assert_untouched(tmp_path, [])
-    with pytest.raises(RecipeError, match="per-layer list has 4 values"):
-        InMemoryMerger(base, experts).iter_merged(recipe)
+    merge_streaming(recipe, tmp_path / "out")
+    merged = InMemoryMerger(base, experts).merge(recipe)
+    with ModelDir(base) as b, ModelDir(experts[0]) as e, ModelDir(tmp_path / "out") as out:
+        for layer, weight in ((0, 0.1), (1, 0.25), (2, 0.4)):
+            name = f"model.layers.{layer}.mlp.up_proj.weight"
+            expected = b.read(name) + weight * (e.read(name) - b.read(name))
+            torch.testing.assert_close(out.read(name), expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_tokenizer_source_missing(tmp_path: Path, family: tuple[Any, Path, list[Path]]) -> None:

@@ -271,7 +271,7 @@ def merge_streaming(
     Everything that can be checked is checked before anything is written: the output path
     (OutputExistsError), the model directories (CheckpointError; pickle-only weights are refused unless
     ``allow_pickle``, then loaded with ``weights_only=True``), architectures, tensor names and shapes
-    across models, per-layer list lengths (RecipeError), and free disk space. Embedding/lm_head tensors
+    across models, the recipe's layer range (RecipeError), and free disk space. Embedding/lm_head tensors
     whose vocabulary sizes differ are merged over the rows all models share, the base's extra rows are
     kept, and a warning says so (mergekit truncates the same way). NaN/Inf in an input tensor is a
     warning naming it (``strict``: a CheckpointError). On any failure, including a full disk, ``out_dir``

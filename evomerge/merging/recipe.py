@@ -466,11 +466,8 @@ def _interpolate(values: tuple[float, ...], tensor_name: str, num_layers: int, p
     m = len(values)
     if m == 1:
         return values[0]
-    if m > num_layers:
-        raise RecipeError(
-            f"{param}: per-layer list has {m} values but the model has {num_layers} layer"
-            f"{'' if num_layers == 1 else 's'}"
-        )
+    # A gradient of any length spans the layer stack, as in mergekit: its m points sit at depths
+    # 0, 1/(m-1), ..., 1 and each layer takes the linear interpolation at its own depth.
     x = layer_position(tensor_name, num_layers) * (m - 1)
     lo = min(math.floor(x), m - 1)
     hi = min(lo + 1, m - 1)
@@ -509,7 +506,7 @@ def resolve(
     """The value of one parameter for tensor ``tensor_name`` of a model with ``num_layers`` layers.
 
     ``default`` applies when no filter rule matches (RecipeError without one). ``param`` names the
-    parameter in error messages (e.g. a per-layer list longer than ``num_layers``).
+    parameter in error messages (e.g. no filter rule matching the tensor).
     """
     result = _resolve_optional(value, tensor_name, num_layers, param)
     if result is None:
@@ -560,25 +557,10 @@ def resolve_params(
 
 
 def check_layer_lists(recipe: MergeRecipe, num_layers: int) -> None:
-    """RecipeError naming the first per-layer list longer than ``num_layers`` (checked before merging)."""
-
-    def walk(path: str, value: ParamValue) -> None:
-        if isinstance(value, tuple) and value and isinstance(value[0], FilterRule):
-            for j, rule in enumerate(value):
-                assert isinstance(rule, FilterRule)
-                walk(f"{path}[{j}].value", rule.value)
-        elif isinstance(value, tuple) and len(value) > 1 and len(value) > num_layers:
-            raise RecipeError(
-                f"{path}: per-layer list has {len(value)} values but the model has {num_layers} layer"
-                f"{'' if num_layers == 1 else 's'}"
-            )
-
+    """RecipeError where the recipe's ``slices`` span another number of layers than the models have
+    (checked before merging). Per-layer lists (gradients) of any length are valid: they are interpolated
+    over the layer stack, as mergekit does."""
     if recipe.num_layers is not None and recipe.num_layers != num_layers:
         raise RecipeError(
             f"slices: the recipe's layer_range spans {recipe.num_layers} layers, the models have {num_layers}"
         )
-    for key, value in recipe.parameters.items():
-        walk(f"parameters.{key}", value)
-    for i, entry in enumerate(recipe.models):
-        for key, value in entry.parameters.items():
-            walk(f"models[{i}].parameters.{key}", value)
