@@ -277,6 +277,29 @@ parameters:
     - value: 0.5
 dtype: float32
 """,
+    "nearswap": """
+merge_method: nearswap
+base_model: $base
+models:
+  - model: $e0
+parameters:
+  t: [0.002, 0.01, 0.03]
+dtype: float32
+""",
+    "multislerp": "merge_method: multislerp\nmodels:" + _three() + "dtype: float32\n",
+    "multislerp_base": """
+merge_method: multislerp
+base_model: $base
+models:
+  - model: $e0
+    parameters: {weight: 0.5}
+  - model: $e1
+    parameters: {weight: [0.2, 0.9]}
+  - model: $e2
+    parameters: {weight: 0.3}
+parameters: {normalize_weights: false}
+dtype: float32
+""",
     # DARE/DELLA at density 1 draw no mask: deterministic, and they check the methods' defaults.
     "dare_ties_density_1": "merge_method: dare_ties\nbase_model: $base\nmodels:"
     + _three()

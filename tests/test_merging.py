@@ -98,7 +98,7 @@ def test_registry_contents() -> None:
     assert METHODS["ties"].model_params == {"weight": 1.0, "density": 1.0}
     expected = {
         "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-        "della", "della_linear", "slerp", "sce", "model_stock", "rsaf",
+        "della", "della_linear", "slerp", "sce", "model_stock", "rsaf", "nearswap", "multislerp",
     }  # fmt: skip
     assert set(METHODS) == expected
     # mergekit's defaults for the flags users rely on
@@ -109,6 +109,9 @@ def test_registry_contents() -> None:
     assert METHODS["della"].model_params["epsilon"] == 0.15
     assert (METHODS["slerp"].min_models, METHODS["slerp"].max_models) == (1, 1)
     assert METHODS["model_stock"].min_models == 2
+    assert (METHODS["nearswap"].min_models, METHODS["nearswap"].max_models) == (1, 1)
+    assert METHODS["multislerp"].global_params == {"normalize_weights": 1.0, "eps": 1e-8}
+    assert not METHODS["multislerp"].needs_base
 
 
 def test_get_method_unknown() -> None:
@@ -923,3 +926,46 @@ def test_rsaf_with_zero_gains_is_ties(random_inputs: tuple[torch.Tensor, list[to
         )  # fmt: skip
         kept = int(((merged - 1.0) != 0).sum())
         assert (kept < 400) if fewer else (kept >= 390), kept
+
+
+# ============================================================================ nearswap, multislerp
+def test_nearswap_formula() -> None:
+    a = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    b = torch.tensor([0.05, -0.2, 1.0, 1.0])
+    out = _run("nearswap", MergeInputs.from_tensors(a, [b]), [{}], {"t": 0.1})
+    # |a - b| = 0.05 < t: swapped; 0.2: halfway (t / 0.2); 1.0: a tenth of the way; equal: unchanged
+    torch.testing.assert_close(out, torch.tensor([0.05, -0.1, 0.1, 1.0]))
+
+
+def test_multislerp_two_orthogonal_unit_vectors_and_degenerate_cases() -> None:
+    x = torch.tensor([1.0, 0.0])
+    y = torch.tensor([0.0, 1.0])
+    out = _run(
+        "multislerp",
+        MergeInputs(base=None, experts=(x, y)),
+        [{"weight": 1.0}] * 2,
+        dict(METHODS["multislerp"].global_params),
+    )
+    # the geodesic midpoint of two orthogonal unit vectors, at their mean norm 1
+    torch.testing.assert_close(out, torch.tensor([0.5**0.5, 0.5**0.5]))
+    # with a base, the task vectors are interpolated and the base added back
+    base = torch.tensor([2.0, -1.0])
+    inputs = MergeInputs.from_tensors(base, [base + x, base + y])
+    torch.testing.assert_close(
+        _run("multislerp", inputs, [{"weight": 1.0}] * 2, dict(METHODS["multislerp"].global_params)),
+        base + out,
+    )
+    # every model equals the base (a layer no fine-tune touched): the base, for any number of models
+    same = MergeInputs.from_tensors(base, [base.clone() for _ in range(3)])
+    torch.testing.assert_close(
+        _run("multislerp", same, [{"weight": 1.0}] * 3, dict(METHODS["multislerp"].global_params)), base
+    )
+    # antipodal directions that cancel, three models: an error as in mergekit
+    cancel = MergeInputs(base=None, experts=(x, -x, x))
+    with pytest.raises(ValueError, match="weighted sum"):
+        _run(
+            "multislerp",
+            cancel,
+            [{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}],
+            dict(METHODS["multislerp"].global_params),
+        )

@@ -25,6 +25,8 @@ from evomerge.merging.methods import (
     della_linear,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
     rsaf,
     sce,
     slerp,
@@ -91,6 +93,8 @@ PARAM_DOMAINS: dict[str, ParamDomain] = {
     "rate_gain": ParamDomain(low=0.0, high=1.0),
     "skew_gain": ParamDomain(low=0.0, high=4.0),
     "min_density": ParamDomain(low=0.0, high=1.0, low_open=True),
+    "normalize_weights": _BOOL,
+    "eps": ParamDomain(low=0.0, high_open=False),
 }
 """Allowed values per parameter name (a name means the same thing in every method)."""
 
@@ -151,6 +155,8 @@ METHODS: dict[str, MergeMethod] = {
     "sce": _from_module("sce", sce, needs_base=True),
     "model_stock": _from_module("model_stock", model_stock, needs_base=True),
     "rsaf": _from_module("rsaf", rsaf, needs_base=True),
+    "nearswap": _from_module("nearswap", nearswap, needs_base=True),
+    "multislerp": _from_module("multislerp", multislerp, needs_base=False),
 }
 """All merge methods by registry name."""
 
