@@ -300,6 +300,48 @@ models:
 parameters: {normalize_weights: false}
 dtype: float32
 """,
+    "karcher": "merge_method: karcher\nmodels:\n  - model: $e0\n  - model: $e1\n  - model: $e2\n"
+    "dtype: float32\n",
+    "karcher_base": """
+merge_method: karcher
+base_model: $base
+models:
+  - model: $e0
+  - model: $e1
+parameters: {max_iter: 3, tol: 1.0e-6}
+dtype: float32
+""",
+    "nuslerp": """
+merge_method: nuslerp
+models:
+  - model: $e0
+    parameters: {weight: 0.3}
+  - model: $e1
+    parameters: {weight: [0.5, 0.9]}
+dtype: float32
+""",
+    "nuslerp_base_rows": """
+merge_method: nuslerp
+base_model: $base
+models:
+  - model: $e0
+    parameters: {weight: 0.6}
+  - model: $e1
+    parameters: {weight: 0.4}
+parameters: {nuslerp_flatten: false}
+dtype: float32
+""",
+    "nuslerp_base_columns": """
+merge_method: nuslerp
+base_model: $base
+models:
+  - model: $e0
+    parameters: {weight: 0.6}
+  - model: $e1
+    parameters: {weight: 0.4}
+parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}
+dtype: float32
+""",
     # DARE/DELLA at density 1 draw no mask: deterministic, and they check the methods' defaults.
     "dare_ties_density_1": "merge_method: dare_ties\nbase_model: $base\nmodels:"
     + _three()

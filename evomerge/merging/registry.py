@@ -23,10 +23,12 @@ from evomerge.merging.methods import (
     dare_ties,
     della,
     della_linear,
+    karcher,
     linear,
     model_stock,
     multislerp,
     nearswap,
+    nuslerp,
     rsaf,
     sce,
     slerp,
@@ -94,7 +96,11 @@ PARAM_DOMAINS: dict[str, ParamDomain] = {
     "skew_gain": ParamDomain(low=0.0, high=4.0),
     "min_density": ParamDomain(low=0.0, high=1.0, low_open=True),
     "normalize_weights": _BOOL,
-    "eps": ParamDomain(low=0.0, high_open=False),
+    "eps": ParamDomain(low=0.0),
+    "nuslerp_flatten": _BOOL,
+    "nuslerp_row_wise": _BOOL,
+    "max_iter": ParamDomain(low=1.0),
+    "tol": ParamDomain(low=0.0),
 }
 """Allowed values per parameter name (a name means the same thing in every method)."""
 
@@ -157,6 +163,8 @@ METHODS: dict[str, MergeMethod] = {
     "rsaf": _from_module("rsaf", rsaf, needs_base=True),
     "nearswap": _from_module("nearswap", nearswap, needs_base=True),
     "multislerp": _from_module("multislerp", multislerp, needs_base=False),
+    "nuslerp": _from_module("nuslerp", nuslerp, needs_base=False),
+    "karcher": _from_module("karcher", karcher, needs_base=False),
 }
 """All merge methods by registry name."""
 
