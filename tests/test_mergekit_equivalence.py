@@ -342,6 +342,8 @@ models:
 parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}
 dtype: float32
 """,
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: $base\nmodels:\n  - model: $e0\n"
+    "dtype: float32\n",
     # DARE/DELLA at density 1 draw no mask: deterministic, and they check the methods' defaults.
     "dare_ties_density_1": "merge_method: dare_ties\nbase_model: $base\nmodels:"
     + _three()

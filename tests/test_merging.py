@@ -99,7 +99,7 @@ def test_registry_contents() -> None:
     expected = {
         "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
         "della", "della_linear", "slerp", "sce", "model_stock", "rsaf", "nearswap", "multislerp",
-        "nuslerp", "karcher",
+        "nuslerp", "karcher", "arcee_fusion",
     }  # fmt: skip
     assert set(METHODS) == expected
     # mergekit's defaults for the flags users rely on
@@ -368,7 +368,10 @@ _BASE = "merge_method: ties\nbase_model: b\n"
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("merge_method: foo\nmodels: [{model: a}]", "unknown merge method 'foo'; known: breadcrumbs, "),
+        (
+            "merge_method: foo\nmodels: [{model: a}]",
+            "unknown merge method 'foo'; known: arcee_fusion, breadcrumbs, ",
+        ),
         ("merge_method: ties\nmodels: [{model: a}]", "base_model: merge method 'ties' needs a base model"),
         (
             _BASE + "models: [{model: a}, {model: c, parameters: {density: 1.5}}]",
@@ -970,3 +973,14 @@ def test_multislerp_two_orthogonal_unit_vectors_and_degenerate_cases() -> None:
             [{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}],
             dict(METHODS["multislerp"].global_params),
         )
+
+
+def test_arcee_fusion_threshold_of_a_large_tensor_is_seeded_and_close_to_the_exact_one() -> None:
+    from evomerge.merging.methods.arcee_fusion import SAMPLE_SIZE, threshold
+
+    scores = torch.rand(1200, 1000, generator=torch.Generator().manual_seed(1))  # 1.2 M elements: sampled
+    assert scores.numel() > SAMPLE_SIZE
+    first, again, other = threshold(scores, 5), threshold(scores, 5), threshold(scores, 6)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    # uniform on [0, 1): median 0.5, IQR 0.5, threshold 1.25 (a sample of a million is within 0.01)
+    assert abs(float(first) - 1.25) < 0.01

@@ -17,6 +17,7 @@ from typing import Literal
 from evomerge.errors import RecipeError
 from evomerge.merging.inputs import Kernel
 from evomerge.merging.methods import (
+    arcee_fusion,
     breadcrumbs,
     breadcrumbs_ties,
     dare_linear,
@@ -165,6 +166,7 @@ METHODS: dict[str, MergeMethod] = {
     "multislerp": _from_module("multislerp", multislerp, needs_base=False),
     "nuslerp": _from_module("nuslerp", nuslerp, needs_base=False),
     "karcher": _from_module("karcher", karcher, needs_base=False),
+    "arcee_fusion": _from_module("arcee_fusion", arcee_fusion, needs_base=True),
 }
 """All merge methods by registry name."""
 
