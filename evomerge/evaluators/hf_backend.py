@@ -259,7 +259,8 @@ class HFBackend:
         """The live weights with ``state`` over them: a complete state for :meth:`load_state_dict`. A tied
         group (``lm_head.weight`` and ``model.embed_tokens.weight``) named in ``state`` takes its value
         from ``state`` alone, so the live copy of the other name cannot contradict it."""
-        out = self.state_dict()
+        # the live tensors themselves, not copies: load_state_dict copies them onto themselves
+        out = {name: t.detach() for name, t in self.model.state_dict().items()}
         for group in self._param_groups:
             if any(name in state for name in group):
                 for name in group:

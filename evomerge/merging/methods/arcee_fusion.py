@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from evomerge.merging.inputs import MergeInputs
-from evomerge.merging.methods.common import check_param_sets
+from evomerge.merging.methods.common import check_model_count, check_param_sets
 
 MODEL_PARAMS: dict[str, float] = {}
 GLOBAL_PARAMS: dict[str, float] = {}
@@ -54,8 +54,7 @@ def merge(
     seed: int,
 ) -> torch.Tensor:
     check_param_sets(params, inputs)
-    if inputs.count != 1:
-        raise ValueError(f"arcee_fusion needs exactly one model besides the base, got {inputs.count}")
+    check_model_count(inputs, "arcee_fusion", 1)
     a = inputs.require_base()
     diff = inputs.delta(0)
     scores = importance(a, a + diff)

@@ -275,6 +275,14 @@ def check_param_sets(params: Sequence[Mapping[str, float]], inputs: MergeInputs)
         raise ValueError(f"got {len(params)} parameter sets for {inputs.count} models")
 
 
+def check_model_count(inputs: MergeInputs, method: str, count: int) -> None:
+    """ValueError unless ``method`` got exactly ``count`` models besides the base (the recipe check has
+    refused other counts already; this guards direct kernel calls)."""
+    if inputs.count != count:
+        word = "one model" if count == 1 else f"{count} models"
+        raise ValueError(f"{method} needs exactly {word} besides the base, got {inputs.count}")
+
+
 def model_values(params: Sequence[Mapping[str, float]], key: str, inputs: MergeInputs) -> list[float]:
     """``params[i][key]`` for every model, checking there is one parameter set per input model."""
     check_param_sets(params, inputs)

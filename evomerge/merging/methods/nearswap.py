@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from evomerge.merging.inputs import MergeInputs
-from evomerge.merging.methods.common import check_param_sets
+from evomerge.merging.methods.common import check_model_count, check_param_sets
 
 MODEL_PARAMS: dict[str, float] = {}
 GLOBAL_PARAMS: dict[str, float] = {"t": 0.0001}
@@ -33,8 +33,7 @@ def merge(
     seed: int,
 ) -> torch.Tensor:
     check_param_sets(params, inputs)
-    if inputs.count != 1:
-        raise ValueError(f"nearswap needs exactly one model besides the base, got {inputs.count}")
+    check_model_count(inputs, "nearswap", 1)
     t = float(global_params["t"])
     a = inputs.require_base()
     diff = inputs.delta(0)  # b - a

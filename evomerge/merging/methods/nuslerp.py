@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from evomerge.merging.inputs import MergeInputs
-from evomerge.merging.methods.common import flag, model_values
+from evomerge.merging.methods.common import check_model_count, flag, model_values
 
 MODEL_PARAMS: dict[str, float] = {"weight": 1.0}
 GLOBAL_PARAMS: dict[str, float] = {"nuslerp_flatten": 1.0, "nuslerp_row_wise": 0.0}
@@ -47,8 +47,7 @@ def merge(
     seed: int,
 ) -> torch.Tensor:
     weights = model_values(params, "weight", inputs)
-    if inputs.count != 2:
-        raise ValueError(f"nuslerp needs exactly two models besides the base, got {inputs.count}")
+    check_model_count(inputs, "nuslerp", 2)
     total = sum(weights)
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
     has_base = inputs.base is not None
