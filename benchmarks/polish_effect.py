@@ -33,7 +33,9 @@ Spreads are standard deviations across seeds (the search seed and the polish's b
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -146,6 +148,7 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     per_seed: list[dict[str, Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix="polish-bench-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # models and studies: GBs
 
     def add(name: str, value: float) -> None:
         rows.setdefault(name, []).append(value)

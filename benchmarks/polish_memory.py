@@ -20,8 +20,10 @@ over the scoring peak. Seconds per step exclude the dev evaluations.
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -93,6 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     peak = Peak()
     workdir = Path(tempfile.mkdtemp(prefix="polish-mem-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # models and studies: GBs
     zoo_sweep = resolve_sweep(SweepConfig(study_name="mem-zoo", runs_dir=str(workdir), zoo="tiny"))
     tasks = tuple(t.model_copy(update={"dev_size": args.dev_size}) for t in zoo_sweep.tasks)
     if args.model == "tiny":

@@ -16,6 +16,8 @@ grid point chosen by dev, reported on test. A PNG of the curves goes to ``--plot
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -61,6 +63,7 @@ def main() -> None:
     zoo = build_zoo(resolve_config(args.preset), args.cache_dir)
     experts = list(zoo.experts.values())
     runs = Path(tempfile.mkdtemp(prefix="evomerge-search-eff-"))
+    atexit.register(shutil.rmtree, runs, ignore_errors=True)  # models and studies: GBs
     first = resolve_sweep(
         SweepConfig(study_name="evaluator", runs_dir=str(runs), zoo=args.preset), zoo_cache=args.cache_dir
     )

@@ -36,7 +36,9 @@ dev-best trial against the number of evaluations goes to ``--plot``; all raw fig
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -353,6 +355,7 @@ def main() -> None:
             ap.error(f"unknown arm {arm!r}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     workdir = Path(tempfile.mkdtemp(prefix="evomerge-evidence-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # models and studies: GBs
     results = []
     for z in (int(s) for s in args.zoo_seeds.split(",")):
         result = run_zoo(z, args, workdir)

@@ -16,8 +16,10 @@ tell the result, ask a new candidate and send it) over the span from its first s
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     build_zoo(resolve_config(args.preset), args.cache_dir)
     runs = Path(tempfile.mkdtemp(prefix="evomerge-throughput-"))
+    atexit.register(shutil.rmtree, runs, ignore_errors=True)  # models and studies: GBs
 
     def sweep(name: str, executor: ExecutorConfig, threads: int | None) -> Any:
         cfg = SweepConfig(
