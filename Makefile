@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Stamps: what `make demo` needs (the package and its runtime deps), then what `make test` adds.
 DEMO_DEPS := $(VENV)/.demo-deps
 TEST_DEPS := $(VENV)/.test-deps
-PIP := $(BIN)/pip install -q --progress-bar off
+PIP := $(BIN)/pip install -q --progress-bar off --no-cache-dir
 
 .PHONY: demo test test-vllm lint typecheck format clean
 

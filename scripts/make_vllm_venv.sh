@@ -20,12 +20,12 @@ fi
 
 start=$(date +%s)
 "$PYTHON" -m venv "$VENV"
-"$BIN/pip" install -q --upgrade pip
+"$BIN/pip" install -q --no-cache-dir --upgrade pip
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build (same as the Makefile for .venv).
-"$BIN/pip" install -q "$TORCH_SPEC"
-"$BIN/pip" install -q "$VLLM_SPEC"
+"$BIN/pip" install -q --no-cache-dir "$TORCH_SPEC"
+"$BIN/pip" install -q --no-cache-dir "$VLLM_SPEC"
 # evomerge itself without letting pip re-resolve vllm's pins, then the runtime deps vllm does not bring.
-"$BIN/pip" install -q -e . --no-deps
+"$BIN/pip" install -q --no-cache-dir -e . --no-deps
 "$BIN/python" - <<'PY' > "$VENV/.evomerge-deps.txt"
 import tomllib
 
@@ -34,7 +34,7 @@ with open("pyproject.toml", "rb") as f:
 # torch is already pinned above; pip skips the others when vllm already satisfies them.
 print("\n".join(d for d in deps if not d.replace(" ", "").startswith("torch")))
 PY
-"$BIN/pip" install -q -r "$VENV/.evomerge-deps.txt" "$TORCH_SPEC" "pytest>=8"
+"$BIN/pip" install -q --no-cache-dir -r "$VENV/.evomerge-deps.txt" "$TORCH_SPEC" "pytest>=8"
 # torchvision / torchaudio / torchcodec built for another torch break `import vllm` next to this one.
 for pkg in torchvision torchaudio torchcodec; do
     if "$BIN/pip" show -q "$pkg" >/dev/null 2>&1; then
