@@ -8,6 +8,7 @@ from typing import Any
 
 import optuna
 import pytest
+import torch
 from optuna.distributions import FloatDistribution
 from pydantic import ValidationError
 
@@ -196,7 +197,8 @@ def test_global_granularity_writes_readable_scalars() -> None:
 def test_to_recipe_carries_global_parameters_dtype_and_seed() -> None:
     sp = space(3, global_parameters={"lambda": 0.7}, dtype="bfloat16", seed=9)
     recipe = sp.to_recipe(sp.uniform_genome({"weight": 1.0, "density": 0.5}))
-    assert recipe.dtype == "bfloat16"
+    assert recipe.out_dtype == "bfloat16" and recipe.dtype is None  # computed in float32, written in bf16
+    assert recipe.compute_torch_dtype() == torch.float32
     assert recipe.seed == 9
     params, global_params = resolve_params(recipe, "model.layers.1.mlp.up_proj.weight", 3)
     assert global_params["lambda"] == pytest.approx(0.7)

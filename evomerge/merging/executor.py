@@ -244,7 +244,8 @@ def _run_kernel(
 ) -> torch.Tensor:
     try:
         params, global_params = resolve_params(recipe, name, num_layers)
-        return method.kernel(inputs, params, global_params, tensor_seed(recipe.seed, name))
+        compute = inputs.in_compute_dtype(recipe.compute_torch_dtype())
+        return method.kernel(compute, params, global_params, tensor_seed(recipe.seed, name))
     except ValueError as exc:
         raise RecipeError(f"tensor {name!r}: {exc}") from None
 

@@ -73,6 +73,19 @@ class MergeInputs:
         assert self.base is not None and self.deltas is not None
         return self.base + self.deltas[i]
 
+    def in_compute_dtype(self, dtype: torch.dtype) -> MergeInputs:
+        """These inputs as mergekit computes them in ``dtype`` (its ``dtype:`` key): every model's tensor
+        rounded to ``dtype`` and task vectors taken between the rounded tensors, in ``dtype``; handed back in
+        float32 for the kernels, which accumulate in float32. Unchanged for float32."""
+        if dtype == torch.float32:
+            return self
+        if self.base is None:
+            assert self.experts is not None
+            return MergeInputs(base=None, experts=tuple(x.to(dtype).float() for x in self.experts))
+        b = self.base.to(dtype)
+        deltas = tuple(((self.base + d).to(dtype) - b).float() for d in self.deltas or ())
+        return MergeInputs(base=b.float(), deltas=deltas)
+
     def require_base(self) -> torch.Tensor:
         if self.base is None:
             raise ValueError("this merge method needs a base tensor")

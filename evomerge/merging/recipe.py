@@ -11,18 +11,23 @@
         parameters:
           weight: [{filter: self_attn, value: 0.2}, {filter: mlp, value: [0.1, 0.9]}, {value: 0.5}]
     parameters: {lambda: 1.0, normalize: true}   # method-wide; per-model names here are defaults for all
-    dtype: float32                               # float32 | bfloat16 | float16 (default: the base's dtype)
-    out_dtype: bfloat16                          # optional; the output dtype when it differs from dtype
+    dtype: float32                               # mergekit's compute dtype (float32 | bfloat16 | float16)
+    out_dtype: bfloat16                          # optional; the output dtype (default: dtype, else base's)
+    compute_dtype: float32                       # optional; overrides dtype's compute part (evomerge)
     tokenizer_source: base                       # "base" or a model directory
     seed: 0                                      # seeds DARE/DELLA masks (per tensor and model)
 
 mergekit recipes are read as they are: ``slices`` with one slice whose sources all span the same full
 ``layer_range: [0, n]`` become ``models`` (with ``num_layers: n`` checked against the models); slice-level
 ``base_model`` and ``parameters`` apply as in mergekit; a filter ``"*"`` matches every tensor;
-``tokenizer_source: null`` means ``base``. Kernels always compute in float32, so mergekit's ``dtype`` (its
-compute dtype) only sets the output dtype here, and ``out_dtype`` overrides it. Layer stacking (several
-slices or partial layer ranges), ``modules``, ``tokenizer``, ``chat_template`` and ``tokenizer_source:
-union`` are refused with a one-line RecipeError.
+``tokenizer_source: null`` means ``base``.
+
+``dtype`` means what it means in mergekit: the dtype the merge computes in (every model's tensor is rounded
+to it and task vectors are taken between the rounded tensors, as mergekit does; the kernels then accumulate
+in float32, so results agree with mergekit's within ``dtype`` rounding) and the output dtype unless
+``out_dtype`` says otherwise. Without ``dtype``, evomerge computes in float32 (mergekit would compute in each
+checkpoint's stored dtype) and writes the base's dtype. ``compute_dtype: float32`` keeps float32 compute
+with ``dtype: bfloat16`` (an evomerge key; mergekit has no such choice).
 
 Resolution of one parameter for one tensor: a list of ``{filter, value}`` rules picks the first rule whose
 ``filter`` is a substring of the tensor name (a rule without filter matches everything; when none
@@ -198,6 +203,9 @@ class MergeRecipe(BaseModel):
     parameters: Params = {}
     dtype: DtypeName | None = None
     out_dtype: DtypeName | None = None
+    compute_dtype: DtypeName | None = None
+    """The dtype the merge computes in when it differs from ``dtype`` (evomerge; default: ``dtype``, else
+    float32)."""
     tokenizer_source: str = "base"
     seed: int = 0
     num_layers: int | None = None
@@ -289,6 +297,11 @@ class MergeRecipe(BaseModel):
             return self.base_model or self.models[0].model
         return self.tokenizer_source
 
+    def compute_torch_dtype(self) -> torch.dtype:
+        """The dtype inputs are rounded to before the kernels run: ``compute_dtype``, else ``dtype``, else
+        float32."""
+        return DTYPES[self.compute_dtype or self.dtype or "float32"]
+
     def torch_dtype(self, default: torch.dtype | None = None) -> torch.dtype:
         """The output dtype: ``out_dtype``, else ``dtype``, else ``default`` when it is float32/bfloat16/
         float16, else float32."""
@@ -349,6 +362,8 @@ class MergeRecipe(BaseModel):
             out["dtype"] = self.dtype
         if self.out_dtype is not None:
             out["out_dtype"] = self.out_dtype
+        if self.compute_dtype is not None:
+            out["compute_dtype"] = self.compute_dtype
         out["tokenizer_source"] = self.tokenizer_source
         out["seed"] = self.seed
         if self.num_layers is not None:
@@ -358,8 +373,8 @@ class MergeRecipe(BaseModel):
     def to_mergekit(self) -> dict[str, Any]:
         """The recipe as a mergekit configuration (``mergekit-yaml`` reads it and merges the same tensors).
 
-        mergekit computes in ``dtype``, so ``dtype: float32`` is written (evomerge's kernels always compute in
-        float32) and the output dtype goes to ``out_dtype``. RecipeError when the recipe uses something
+        mergekit computes in ``dtype``, so the compute dtype is written there (float32 unless the recipe
+        says otherwise) and the output dtype goes to ``out_dtype``. RecipeError when the recipe uses something
         mergekit lacks (the ``rsaf`` method, per-model ``weight`` for ``sce``); DARE/DELLA masks come from
         mergekit's own random generator there, so those merges match only in distribution.
         """
@@ -368,15 +383,16 @@ class MergeRecipe(BaseModel):
         if self.merge_method == "sce" and any("weight" in m.parameters for m in self.models):
             raise RecipeError("models: per-model weight for sce is an evomerge extension mergekit lacks")
         data = self.to_dict()
-        for key in ("seed", "num_layers", "dtype", "out_dtype"):
+        for key in ("seed", "num_layers", "dtype", "out_dtype", "compute_dtype"):
             data.pop(key, None)
         if data.get("tokenizer_source") == "base":
             # mergekit copies the base tokenizer by default; an explicit tokenizer_source would switch it
             # to its tokenizer-merging path, which needs every model's tokenizer
             data.pop("tokenizer_source")
-        data["dtype"] = "float32"
+        compute = self.compute_dtype or self.dtype or "float32"
+        data["dtype"] = compute
         output = self.out_dtype or self.dtype
-        if output is not None and output != "float32":
+        if output is not None and output != compute:
             data["out_dtype"] = output
         return data
 

@@ -91,6 +91,7 @@ class SearchSpaceConfig(BaseModel):
     global_params: tuple[ParamRange, ...] = ()
     """Method-wide parameters searched (bounds inside the parameter's domain), shared by all experts."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The candidates' output dtype (their recipes' ``out_dtype``); merges compute in float32."""
     seed: int = 0
 
     @model_validator(mode="after")
@@ -343,7 +344,7 @@ class SearchSpace:
                 "base_model": self.base_model,
                 "models": models,
                 "parameters": global_parameters,
-                "dtype": self.config.dtype,
+                "out_dtype": self.config.dtype,  # the output; candidates are computed in float32
                 "seed": self.config.seed,
             }
         )
