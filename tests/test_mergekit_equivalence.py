@@ -10,127 +10,35 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any
 
 import pytest
 import torch
 import yaml
 
-from evomerge.checkpoints import ModelDir
 from evomerge.errors import RecipeError
 from evomerge.merging import MergeRecipe, merge_streaming
 from evomerge.merging.inputs import MergeInputs
 from evomerge.merging.registry import METHODS
 
-mergekit_config = pytest.importorskip("mergekit.config")
-mergekit_merge = pytest.importorskip("mergekit.merge")
-mergekit_options = pytest.importorskip("mergekit.options")
+pytest.importorskip("mergekit.merge")
 
-NUM_LAYERS = 3
-# Both sides compute in float32 with the same torch, in a different order of operations (a few roundings
-# per value): 100 float32 epsilons relative, 10 absolute for values near zero. Derived from the dtype,
-# not from one machine's results.
-F32_EPS = torch.finfo(torch.float32).eps
-RTOL = 100 * F32_EPS
-ATOL = 10 * F32_EPS
-
-
-# ============================================================================ the tiny model family
-@dataclass(frozen=True)
-class Family:
-    """A tiny Llama base and three experts ``base + task vector`` (float32 safetensors)."""
-
-    base: Path
-    experts: tuple[Path, ...]
-
-    def fill(self, template: str) -> str:
-        """A recipe template with ``$base``, ``$e0``, ``$e1``, ``$e2`` replaced by the model paths."""
-        names = {"base": str(self.base), **{f"e{i}": str(p) for i, p in enumerate(self.experts)}}
-        return Template(template).substitute(names)
-
-
-def _tiny_llama() -> Any:
-    import transformers
-
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=96,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model: Any = transformers.LlamaForCausalLM(config)
-    return model.eval()
-
-
-def _tiny_tokenizer() -> Any:
-    """A 96-token word-level tokenizer (every model of the family gets the same one, as real models have)."""
-    import transformers
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    backend = Tokenizer(WordLevel({f"t{i}": i for i in range(96)}, unk_token="t0"))
-    backend.pre_tokenizer = Whitespace()
-    fast: Any = transformers.PreTrainedTokenizerFast
-    return fast(tokenizer_object=backend, unk_token="t0")
+from mergekit_family import (
+    ATOL,
+    NUM_LAYERS,
+    RTOL,
+    Family,
+    make_family,
+    read_all,
+    run_evomerge,
+    run_mergekit,
+)
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    """Base: ``0.02 * randn`` weights, norms ``1 + 0.02 * randn``. Expert i: ``base + 0.01 * (0.6 s +
-    0.8 n_i)`` with a shared direction ``s`` and own noise ``n_i``: two task vectors agree in sign on ~62%
-    of entries, so TIES' sign election matters."""
-    root = tmp_path_factory.mktemp("mergekit_family")
-    model = _tiny_llama()
-    gen = torch.Generator().manual_seed(1234)
-    base: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict().items():
-        noise = torch.randn(value.shape, generator=gen)
-        base[name] = 1.0 + 0.02 * noise if "norm" in name else 0.02 * noise
-    model.load_state_dict(base)
-    tokenizer = _tiny_tokenizer()
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    shared = {name: torch.randn(v.shape, generator=gen) for name, v in base.items()}
-    experts: list[Path] = []
-    for i in range(3):
-        own = torch.Generator().manual_seed(100 + i)
-        state = {
-            name: v + 0.01 * (0.6 * shared[name] + 0.8 * torch.randn(v.shape, generator=own))
-            for name, v in base.items()
-        }
-        model.load_state_dict(state)
-        model.save_pretrained(root / f"expert_{i}")
-        tokenizer.save_pretrained(root / f"expert_{i}")
-        experts.append(root / f"expert_{i}")
-    return Family(base=root / "base", experts=tuple(experts))
-
-
-# ============================================================================ helpers
-def _read_all(path: Path) -> dict[str, torch.Tensor]:
-    with ModelDir(path) as md:
-        return {n: md.read(n).clone() for n in md.tensor_names()}
-
-
-def _mergekit(text: str, out: Path, *, random_seed: int | None = None) -> dict[str, torch.Tensor]:
-    """Merge with mergekit in-process (CPU, no tokenizer, no model card) and read the result back."""
-    config = mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(text))
-    options = mergekit_options.MergeOptions(
-        copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=random_seed
-    )
-    mergekit_merge.run_merge(config, str(out), options=options)
-    return _read_all(out)
-
-
-def _evomerge(text: str, out: Path) -> dict[str, torch.Tensor]:
-    return _read_all(merge_streaming(MergeRecipe.from_yaml(text), out))
+    return make_family(tmp_path_factory.mktemp("mergekit_family"))
 
 
 def _assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
@@ -171,8 +79,18 @@ def _three(extra0: str = "", extra1: str = "", extra2: str = "") -> str:
     return Template(_THREE).safe_substitute(extra0=extra0, extra1=extra1, extra2=extra2)
 
 
+_PLAIN = "\n  - model: $e0\n  - model: $e1\n  - model: $e2\n"
+
 EQUIVALENCE_RECIPES: dict[str, str] = {
     "linear": "merge_method: linear\nmodels:" + _three() + "dtype: float32\n",
+    "ram": "merge_method: ram\nbase_model: $base\nmodels:"
+    + _PLAIN
+    + "parameters: {epsilon: 0.012}\ndtype: float32\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: $base\nmodels:"
+    + _PLAIN
+    + "parameters: {epsilon: 0.012, r: 0.5, alpha: 0.8}\ndtype: float32\n",
+    "passthrough": "merge_method: passthrough\nmodels:\n  - model: $e0\n"
+    + "    parameters: {scale: [{filter: mlp, value: [0.5, 1.5]}, {value: 1.0}]}\ndtype: float32\n",
     "linear_unnormalized": "merge_method: linear\nmodels:"
     + _three()
     + "parameters: {normalize: false}\ndtype: float32\n",
@@ -358,9 +276,9 @@ dtype: float32
 @pytest.mark.parametrize("case", sorted(EQUIVALENCE_RECIPES))
 def test_matches_mergekit(case: str, tmp_path: Path, family: Family) -> None:
     text = family.fill(EQUIVALENCE_RECIPES[case])
-    ours = _evomerge(text, tmp_path / "ours")
-    theirs = _mergekit(text, tmp_path / "theirs")
-    base = _read_all(family.base)
+    ours = run_evomerge(text, tmp_path / "ours")
+    theirs = run_mergekit(text, tmp_path / "theirs")
+    base = read_all(family.base)
     assert sorted(ours) == sorted(base)
     # not a trivial merge: every tensor moved away from the base
     for name, tensor in ours.items():
@@ -371,8 +289,8 @@ def test_matches_mergekit(case: str, tmp_path: Path, family: Family) -> None:
 def test_per_layer_gradient_and_filters_take_effect(tmp_path: Path, family: Family) -> None:
     """The slerp recipe's t differs by layer and by filter: check a few tensors against the definition."""
     text = family.fill(EQUIVALENCE_RECIPES["slerp"])
-    ours = _evomerge(text, tmp_path / "ours")
-    base, expert = _read_all(family.base), _read_all(family.experts[0])
+    ours = run_evomerge(text, tmp_path / "ours")
+    base, expert = read_all(family.base), read_all(family.experts[0])
 
     def slerp(t: float, name: str) -> torch.Tensor:
         v0, v1 = base[name].double(), expert[name].double()
@@ -521,12 +439,12 @@ def _random_recipe(method: str, seed: int) -> str:
 @pytest.mark.parametrize("method", RANDOM_METHODS)
 def test_random_methods_seeded_and_reproducible(method: str, tmp_path: Path, family: Family) -> None:
     text = family.fill(_random_recipe(method, 3))
-    first = _evomerge(text, tmp_path / "first")
-    second = _evomerge(text, tmp_path / "second")
+    first = run_evomerge(text, tmp_path / "first")
+    second = run_evomerge(text, tmp_path / "second")
     assert sorted(first) == sorted(second)
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name
-    other = _evomerge(text.replace("seed: 3", "seed: 4"), tmp_path / "other")
+    other = run_evomerge(text.replace("seed: 3", "seed: 4"), tmp_path / "other")
     differing = [n for n, t in first.items() if not torch.equal(t, other[n])]
     assert sorted(differing) == sorted(first)  # every tensor's masks change with the seed
 
@@ -539,9 +457,9 @@ def test_random_methods_match_mergekit_statistically(method: str, tmp_path: Path
     (relative) between the tools, and the fraction of entries left at the base (every model's entry dropped,
     about 6% here) within 0.02 (about five binomial standard deviations of the difference)."""
     text = family.fill(_random_recipe(method, 3))
-    ours = _evomerge(text, tmp_path / "ours")
-    theirs = _mergekit(_strip_seed(text), tmp_path / "theirs", random_seed=11)
-    base = _read_all(family.base)
+    ours = run_evomerge(text, tmp_path / "ours")
+    theirs = run_mergekit(_strip_seed(text), tmp_path / "theirs", random_seed=11)
+    base = read_all(family.base)
     assert sorted(ours) == sorted(theirs)
     large = [n for n, t in base.items() if t.numel() >= 8192]
     assert len(large) == 3 * NUM_LAYERS  # gate, up and down projections
@@ -570,12 +488,12 @@ def _ties_ambiguous(recipe: MergeRecipe, name: str, dtype: str, family: Family) 
 
     per_model, _ = resolve_params(recipe, name, NUM_LAYERS)
     half = getattr(torch, dtype)
-    base = _read_all(family.base)[name].to(half)
+    base = read_all(family.base)[name].to(half)
     ambiguous = torch.zeros(base.shape, dtype=torch.bool)
     signed = torch.zeros(base.shape)
     total = torch.zeros(base.shape)
     for params, path in zip(per_model, family.experts, strict=True):
-        delta = (_read_all(path)[name].to(half) - base).float()
+        delta = (read_all(path)[name].to(half) - base).float()
         k = keep_count(delta.numel(), params["density"])
         cutoff = delta.abs().flatten().topk(k).values[-1]
         ambiguous |= delta.abs() == cutoff
@@ -593,8 +511,8 @@ def test_dtype_is_the_compute_dtype(case: str, dtype: str, tmp_path: Path, famil
     result agrees with mergekit's within that dtype's rounding (a few ulps), and ``compute_dtype: float32``
     keeps float32 compute, which differs from mergekit's half-precision result by more than that."""
     text = family.fill(EQUIVALENCE_RECIPES[case]).replace("dtype: float32", f"dtype: {dtype}")
-    ours = _evomerge(text, tmp_path / "ours")
-    theirs = _mergekit(text, tmp_path / "theirs")
+    ours = run_evomerge(text, tmp_path / "ours")
+    theirs = run_mergekit(text, tmp_path / "theirs")
     eps = torch.finfo(getattr(torch, dtype)).eps
     for name, tensor in ours.items():
         assert tensor.dtype == theirs[name].dtype == getattr(torch, dtype), name
@@ -609,7 +527,7 @@ def test_dtype_is_the_compute_dtype(case: str, dtype: str, tmp_path: Path, famil
             assert not bool((~close & ~ambiguous).any()), f"{name}: values differ away from ambiguous choices"
         else:
             assert bool(close.all()), f"{name}: {int((~close).sum())} values differ"
-    f32 = _evomerge(text + "compute_dtype: float32\n", tmp_path / "f32")
+    f32 = run_evomerge(text + "compute_dtype: float32\n", tmp_path / "f32")
     assert all(t.dtype == getattr(torch, dtype) for t in f32.values())  # dtype still sets the output
     moved = [n for n in f32 if not torch.equal(f32[n], ours[n])]
     assert moved, "float32 compute gave exactly the half-precision-compute result everywhere"
@@ -630,7 +548,7 @@ def test_cli_merges_mergekit_recipe(tmp_path: Path, family: Family) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr + done.stdout
-    _assert_same_tensors(_read_all(tmp_path / "cli_out"), _mergekit(text, tmp_path / "theirs"))
+    _assert_same_tensors(read_all(tmp_path / "cli_out"), run_mergekit(text, tmp_path / "theirs"))
 
 
 @pytest.mark.parametrize("case", ["ties", "slerp"])
@@ -640,44 +558,11 @@ def test_to_mergekit_yaml_round_trip(case: str, tmp_path: Path, family: Family) 
     recipe = MergeRecipe.from_yaml(path)
     exported = recipe.to_mergekit_yaml()
     assert "seed" not in yaml.safe_load(exported)
-    ours = _read_all(merge_streaming(recipe, tmp_path / "ours"))
-    _assert_same_tensors(ours, _mergekit(exported, tmp_path / "theirs"))
+    ours = read_all(merge_streaming(recipe, tmp_path / "ours"))
+    _assert_same_tensors(ours, run_mergekit(exported, tmp_path / "theirs"))
 
 
 # ============================================================================ 4. refusals
-def _slice_recipe(*ranges: tuple[int, int], slices: int = 1) -> str:
-    sources = "".join(
-        f"      - model: {model}\n        layer_range: [{lo}, {hi}]\n"
-        for model, (lo, hi) in zip(["$base", "$e0"], ranges, strict=True)
-    )
-    body = "".join(f"  - sources:\n{sources}" for _ in range(slices))
-    return f"slices:\n{body}merge_method: slerp\nbase_model: $base\nparameters: {{t: 0.5}}\ndtype: float32\n"
-
-
-def test_refuses_layer_stacking(family: Family) -> None:
-    with pytest.raises(RecipeError) as exc:
-        MergeRecipe.from_yaml(family.fill(_slice_recipe((0, 3), (0, 3), slices=2)))
-    assert _one_line(exc).startswith("slices")
-    assert "2 slices" in str(exc.value)
-
-
-def test_refuses_mixed_layer_ranges(family: Family) -> None:
-    with pytest.raises(RecipeError) as exc:
-        MergeRecipe.from_yaml(family.fill(_slice_recipe((0, 3), (0, 2))))
-    assert "layer_range" in _one_line(exc)
-
-
-def test_refuses_partial_layer_range_at_merge(tmp_path: Path, family: Family) -> None:
-    recipe = MergeRecipe.from_yaml(family.fill(_slice_recipe((0, 2), (0, 2))))
-    with pytest.raises(RecipeError) as exc:
-        merge_streaming(recipe, tmp_path / "out")
-    text = _one_line(exc)
-    assert text.startswith("slices")
-    assert "2 layers" in text and "3" in text
-    assert not (tmp_path / "out").exists()
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_refuses_union_tokenizer(family: Family) -> None:
     text = family.fill(EQUIVALENCE_RECIPES["linear"]) + "tokenizer_source: union\n"
     with pytest.raises(RecipeError) as exc:

@@ -99,7 +99,7 @@ def test_registry_contents() -> None:
     expected = {
         "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
         "della", "della_linear", "slerp", "sce", "model_stock", "rsaf", "nearswap", "multislerp",
-        "nuslerp", "karcher", "arcee_fusion",
+        "nuslerp", "karcher", "arcee_fusion", "passthrough", "ram", "ramplus_tl",
     }  # fmt: skip
     assert set(METHODS) == expected
     # mergekit's defaults for the flags users rely on

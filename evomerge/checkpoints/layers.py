@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["EMBEDDING_MARKERS", "TENSOR_GROUPS", "layer_index", "layer_position", "tensor_group"]
+__all__ = [
+    "EMBEDDING_MARKERS",
+    "TENSOR_GROUPS",
+    "layer_index",
+    "layer_position",
+    "tensor_group",
+    "with_layer",
+]
 
 # A decoder block: ``...layers.N.`` (Llama, Qwen2, Mistral, Gemma, GPT-NeoX) or ``...h.N.`` (GPT-2, Falcon).
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")
+_LAYER_RE = re.compile(r"((?:^|\.)(?:layers|h)\.)(\d+)(\.|$)")
 
 EMBEDDING_MARKERS: tuple[str, ...] = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in")
 """Name components of input embeddings."""
@@ -27,7 +34,12 @@ _LM_HEAD_PARTS = frozenset({"lm_head", "embed_out"})
 def layer_index(name: str) -> int | None:
     """The decoder-layer number of tensor ``name``, or None for tensors outside the layer stack."""
     match = _LAYER_RE.search(name)
-    return int(match.group(1)) if match else None
+    return int(match.group(2)) if match else None
+
+
+def with_layer(name: str, layer: int) -> str:
+    """Tensor ``name`` renamed to decoder layer ``layer`` (unchanged outside the layer stack)."""
+    return _LAYER_RE.sub(lambda m: f"{m.group(1)}{layer}{m.group(3)}", name, count=1)
 
 
 def layer_position(name: str, num_layers: int) -> float:

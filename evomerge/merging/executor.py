@@ -9,7 +9,6 @@ for the same recipe they produce bit-identical tensors.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,13 +19,14 @@ from typing import Any
 
 import torch
 
-from evomerge.checkpoints.layers import tensor_group
 from evomerge.checkpoints.model_dir import ModelDir, TensorInfo, torch_dtype_from_safetensors
 from evomerge.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES, ModelWriter
 from evomerge.errors import CheckpointError, RecipeError
-from evomerge.merging.inputs import MergeInputs, tensor_seed
-from evomerge.merging.recipe import MergeRecipe, check_layer_lists, resolve_params
-from evomerge.merging.registry import MergeMethod
+from evomerge.merging.execution import check_compatible, check_disk_space, merge_one, model_card, run_kernel
+from evomerge.merging.inputs import MergeInputs
+from evomerge.merging.recipe import MergeRecipe
+from evomerge.merging.sliced import merge_sliced_streaming, slice_inputs
+from evomerge.merging.slices import PlannedTensor, plan_slices, sliced_config
 
 __all__ = [
     "InMemoryMerger",
@@ -49,100 +49,6 @@ PREFETCH = 3
 
 READERS = 2
 """Reader threads (reading and converting is the bottleneck of the cheap methods)."""
-
-
-def _architecture(model: ModelDir) -> str | None:
-    archs = model.config.get("architectures")
-    if isinstance(archs, list) and archs and isinstance(archs[0], str):
-        return archs[0]
-    model_type = model.config.get("model_type")
-    return model_type if isinstance(model_type, str) else None
-
-
-def _is_vocab_tensor(name: str) -> bool:
-    return tensor_group(name) in ("embed", "lm_head")
-
-
-def check_compatible(
-    reference: ModelDir, others: Sequence[ModelDir], *, shared_rows: dict[str, int] | None = None
-) -> dict[str, TensorInfo]:
-    """Check that every model has the reference's architecture and tensors with the same shapes (headers
-    only). Returns the reference's tensor infos; raises RecipeError naming the first differing tensor and
-    model.
-
-    With ``shared_rows`` (a dict to fill), embedding and lm_head tensors may differ in their first dimension
-    (vocabulary size): the number of rows all models share is recorded there instead of raising.
-    """
-    ref_arch = _architecture(reference)
-    ref_infos = reference.infos()
-    for other in others:
-        arch = _architecture(other)
-        if ref_arch is not None and arch is not None and arch != ref_arch:
-            raise RecipeError(
-                f"models have different architectures: {reference.path} is {ref_arch}, {other.path} is {arch}"
-            )
-        infos = other.infos()
-        for name, info in ref_infos.items():
-            theirs = infos.get(name)
-            if theirs is None:
-                raise RecipeError(f"model {other.path} lacks tensor {name!r} that {reference.path} has")
-            if (
-                shared_rows is not None
-                and theirs.shape != info.shape
-                and _is_vocab_tensor(name)
-                and len(info.shape) == len(theirs.shape) >= 1
-                and info.shape[1:] == theirs.shape[1:]
-            ):
-                rows = min(shared_rows.get(name, info.shape[0]), theirs.shape[0])
-                shared_rows[name] = rows
-            elif theirs.shape != info.shape:
-                raise RecipeError(
-                    f"tensor {name!r} has shape {list(theirs.shape)} in {other.path} "
-                    f"but {list(info.shape)} in {reference.path}"
-                )
-            if theirs.is_float != info.is_float:
-                raise RecipeError(
-                    f"tensor {name!r} is {theirs.dtype} in {other.path} but {info.dtype} in {reference.path}"
-                )
-        for name in infos:
-            if name not in ref_infos:
-                raise RecipeError(f"model {other.path} has tensor {name!r} that {reference.path} lacks")
-    return ref_infos
-
-
-def model_card(recipe: MergeRecipe, title: str | None = None) -> str:
-    """A README model card that states the recipe."""
-    method = recipe.method
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- merge",
-        "- evomerge",
-        "---",
-        "",
-        f"# {title or 'Merged model'}",
-        "",
-        f"This model was merged with evomerge using the `{method.name}` method: {method.doc}",
-        "",
-    ]
-    if recipe.base_model:
-        lines += [f"Base model: `{recipe.base_model}`", ""]
-    lines.append("Models merged:")
-    lines += [f"- `{entry.model}`" for entry in recipe.expert_models()]
-    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip("\n"), "```", ""]
-    return "\n".join(lines)
-
-
-def _merge_one(
-    method: MergeMethod,
-    recipe: MergeRecipe,
-    name: str,
-    num_layers: int,
-    inputs: MergeInputs,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    return _run_kernel(method, recipe, name, num_layers, inputs).to(out_dtype)
 
 
 @dataclass(frozen=True)
@@ -227,29 +133,6 @@ class _Reader:
         return _Job(name, inputs, None, tail, warnings)
 
 
-def _check_disk_space(out_dir: Path, needed: int) -> None:
-    parent = out_dir.expanduser().absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if free < needed:
-        raise CheckpointError(
-            f"not enough disk space for {out_dir}: the merged model needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free"
-        )
-
-
-def _run_kernel(
-    method: MergeMethod, recipe: MergeRecipe, name: str, num_layers: int, inputs: MergeInputs
-) -> torch.Tensor:
-    try:
-        params, global_params = resolve_params(recipe, name, num_layers)
-        compute = inputs.in_compute_dtype(recipe.compute_torch_dtype())
-        return method.kernel(compute, params, global_params, tensor_seed(recipe.seed, name))
-    except ValueError as exc:
-        raise RecipeError(f"tensor {name!r}: {exc}") from None
-
-
 def merge_streaming(
     recipe: MergeRecipe,
     out_dir: str | Path,
@@ -278,8 +161,22 @@ def merge_streaming(
     warning naming it (``strict``: a CheckpointError). On any failure, including a full disk, ``out_dir``
     is left untouched and no temporary directory remains.
     """
-    method = recipe.method
     say = warn if warn is not None else _log.warning
+    if recipe.num_layers is not None:
+        with ModelDir(recipe.base_model or recipe.models[0].model, allow_pickle=allow_pickle) as first:
+            recipe = recipe.for_layers(first.num_layers)
+    if recipe.slices:
+        return merge_sliced_streaming(
+            recipe,
+            out_dir,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+            device=device,
+            allow_pickle=allow_pickle,
+            warn=say,
+        )
+    method = recipe.method
     device = torch.device(device)
     writer = ModelWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
     with ExitStack() as stack:
@@ -303,7 +200,6 @@ def merge_streaming(
                 f"{rows}..{infos[name].shape[0] - 1} are copied from {reference.path}"
             )
         num_layers = reference.num_layers
-        check_layer_lists(recipe, num_layers)
         tokenizer_dir = Path(recipe.tokenizer_path()).expanduser()
         if not tokenizer_dir.is_dir():
             raise CheckpointError(f"tokenizer_source is not a directory: {tokenizer_dir}")
@@ -320,7 +216,7 @@ def merge_streaming(
         reader = _Reader(base, experts, infos, shared_rows, device, strict)
         with writer, ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="evomerge-read") as pool:
             writer.plan(plan)
-            _check_disk_space(writer.out_dir, writer.total_bytes)
+            check_disk_space(writer.out_dir, writer.total_bytes)
             pending: deque[Future[_Job]] = deque(pool.submit(reader, n) for n in names[:PREFETCH])
             for done, name in enumerate(names, start=1):
                 job = pending.popleft().result()
@@ -332,7 +228,7 @@ def merge_streaming(
                     assert job.fixed is not None
                     writer.add(name, job.fixed)  # integer/bool buffers: copied from the reference
                 else:
-                    merged = _run_kernel(method, recipe, name, num_layers, job.inputs).to(out_dtype)
+                    merged = run_kernel(method, recipe, name, num_layers, job.inputs).to(out_dtype)
                     if job.tail is not None:
                         merged = torch.cat([merged, job.tail.to(merged.device, out_dtype)])
                     writer.add(name, merged)
@@ -504,9 +400,62 @@ class InMemoryMerger:
         Float tensors come out in the recipe's dtype (default: the base config's dtype) on the merger's
         device; integer buffers are copies of the reference model's.
         """
+        recipe = recipe.for_layers(self._num_layers)
+        if recipe.slices:
+            return self._generate_sliced(recipe)
         selected = self._select(recipe)  # errors surface here, before the first tensor is asked for
-        check_layer_lists(recipe, self._num_layers)
         return self._generate(recipe, selected)
+
+    def output_config(self, recipe: MergeRecipe) -> dict[str, Any]:
+        """config.json of the model ``recipe`` builds (a sliced recipe changes the layer count)."""
+        recipe = recipe.for_layers(self._num_layers)
+        if not recipe.slices:
+            return self.config
+        _, source_layers = self._plan(recipe)
+        return sliced_config(self._config, source_layers)
+
+    def _plan(self, recipe: MergeRecipe) -> tuple[list[PlannedTensor], list[int]]:
+        """The sliced recipe's tensor plan over the loaded models (RecipeError for a model not loaded)."""
+        for path in recipe.referenced_models():
+            if self._key_of(path) is None:
+                loaded = ", ".join(str(p) for p in [self._base_path, *self._expert_paths] if p is not None)
+                raise RecipeError(f"slices: {path!r} is not among the loaded models ({loaded})")
+        layers = {path: self._num_layers for path in recipe.referenced_models()}
+        return plan_slices(recipe.slices, self._names, layers)
+
+    def _key_of(self, path: str) -> int | str | None:
+        """``"base"`` for the loaded base, the expert's index, or None when ``path`` is not loaded."""
+        key = _path_key(path)
+        if key == self._base_key:
+            return "base"
+        return self._expert_keys.index(key) if key in self._expert_keys else None
+
+    def _resident(self, path: str, name: str) -> torch.Tensor:
+        """Model ``path``'s tensor ``name`` in float32, rebuilt from the resident base and task vector."""
+        which = self._key_of(path)
+        if which == "base":
+            assert self._base is not None
+            return self._base[name].float()
+        assert isinstance(which, int)
+        vector = self._vectors[which][name].float()
+        return vector if self._base is None else self._base[name].float() + vector
+
+    def _generate_sliced(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor]]:
+        plan, source_layers = self._plan(recipe)  # errors surface before the first tensor
+        out_dtype = recipe.torch_dtype(self._ref_dtype)
+        return self._sliced_tensors(recipe, plan, len(source_layers), out_dtype)
+
+    def _sliced_tensors(
+        self, recipe: MergeRecipe, plan: Sequence[PlannedTensor], num_layers: int, out_dtype: torch.dtype
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for planned in plan:
+            fixed = self._fixed.get(planned.inputs[0])
+            if fixed is not None:
+                yield planned.out_name, fixed.clone()
+                continue
+            part, inputs = slice_inputs(recipe, planned, self._resident)
+            merged = run_kernel(part.method, part, planned.out_name, num_layers, inputs, t=planned.t)
+            yield planned.out_name, merged.to(out_dtype)
 
     def _generate(
         self, recipe: MergeRecipe, selected: Sequence[int | None]
@@ -519,7 +468,7 @@ class InMemoryMerger:
                 yield name, fixed.clone()
                 continue
             inputs = self._inputs(name, selected)
-            yield name, _merge_one(method, recipe, name, self._num_layers, inputs, out_dtype)
+            yield name, merge_one(method, recipe, name, self._num_layers, inputs, out_dtype)
 
     def merge(self, recipe: MergeRecipe) -> dict[str, torch.Tensor]:
         """The merged state dict for ``recipe`` (see :meth:`iter_merged`)."""

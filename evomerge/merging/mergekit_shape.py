@@ -2,9 +2,10 @@
 
 mergekit recipes are read as they are: ``slices`` with one slice whose sources all span the same full
 ``layer_range: [0, n]`` become ``models`` (with ``num_layers: n`` checked against the models); slice-level
-``base_model`` and ``parameters`` apply as in mergekit; ``tokenizer_source: null`` means ``base``. Layer
-stacking (several slices or partial layer ranges), ``modules``, ``tokenizer``, ``chat_template`` and
-``tokenizer_source: union`` are refused with a one-line RecipeError. :data:`MERGEKIT_METHODS` names the
+``base_model`` and ``parameters`` apply as in mergekit; other ``slices`` (stacking, splicing, partial
+ranges) stay slices (:mod:`evomerge.merging.slices`). ``tokenizer_source: null`` means ``base``.
+``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union`` and a slice's
+``residual_weight`` are refused by name with a one-line RecipeError. :data:`MERGEKIT_METHODS` names the
 methods a recipe can be written back to mergekit with (:meth:`MergeRecipe.to_mergekit`).
 """
 
@@ -32,6 +33,14 @@ MERGEKIT_METHODS: frozenset[str] = frozenset(
         "slerp",
         "sce",
         "model_stock",
+        "nearswap",
+        "multislerp",
+        "nuslerp",
+        "karcher",
+        "arcee_fusion",
+        "passthrough",
+        "ram",
+        "ramplus_tl",
     }
 )
 """Registered methods that mergekit also has, with the same name and parameters."""
@@ -65,13 +74,29 @@ def from_mergekit(data: Mapping[str, Any]) -> dict[str, Any]:
         return out
     if out.get("models"):
         raise RecipeError("slices: give either models or slices, not both")
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
-        count = len(slices) if isinstance(slices, list) else 0
-        raise RecipeError(
-            f"slices: evomerge maps a single slice spanning all layers, got {count} slices "
-            "(layer stacking and splicing are not supported)"
-        )
-    return _single_slice(out, slices[0])
+    if not isinstance(slices, list | tuple) or not slices:
+        raise RecipeError("slices: a non-empty list of {sources: [{model, layer_range}, ...]}")
+    if not all(isinstance(p, Mapping) for p in slices):
+        out["slices"] = slices  # already validated slices (or not slices at all: validation says so)
+        return out
+    for i, piece in enumerate(slices):
+        if piece.get("residual_weight") is not None:
+            raise RecipeError(
+                f"slices[{i}].residual_weight: mergekit 0.1.5 reads it but never applies it; remove it"
+            )
+    if len(slices) == 1 and _full_range(slices[0]):
+        return _single_slice(out, slices[0])
+    out["slices"] = [{k: v for k, v in p.items() if k != "residual_weight"} for p in slices]
+    return out
+
+
+def _full_range(piece: Mapping[str, Any]) -> bool:
+    """Whether every source spans the same ``[0, n]`` (a plain ``models`` merge)."""
+    sources = piece.get("sources")
+    if not isinstance(sources, list) or not sources:
+        return False
+    spans = {tuple(s.get("layer_range") or ()) for s in sources if isinstance(s, Mapping)}
+    return len(spans) == 1 and len(next(iter(spans))) == 2 and next(iter(spans))[0] == 0
 
 
 def _single_slice(out: dict[str, Any], piece: Mapping[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from evomerge.errors import RecipeError
 from evomerge.merging.mergekit_shape import MERGEKIT_METHODS, from_mergekit
 from evomerge.merging.params import FilterRule, ModelEntry, Params, ParamValue, check_domain, dump_params
 from evomerge.merging.registry import MergeMethod, get_method
+from evomerge.merging.slices import OutputSlice, SliceSource
 
 __all__ = [
     "DTYPES",
@@ -82,7 +83,10 @@ class MergeRecipe(BaseModel):
 
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry]
+    models: list[ModelEntry] = []
+    slices: tuple[OutputSlice, ...] = ()
+    """Layer slices (stacking, splicing, repeating layers; see :mod:`evomerge.merging.slices`); a recipe
+    gives either ``models`` or ``slices``."""
     parameters: Params = {}
     dtype: DtypeName | None = None
     out_dtype: DtypeName | None = None
@@ -118,6 +122,8 @@ class MergeRecipe(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Self:
         method = get_method(self.merge_method)
+        if self.slices:
+            return self._check_slices()
         if not self.models:
             raise RecipeError("models: empty list; a recipe needs at least one model")
         if method.needs_base and not self.base_model:
@@ -143,7 +149,7 @@ class MergeRecipe(BaseModel):
                 known = {**method.global_params, **method.model_params}
                 raise RecipeError(f"{path}: {_unknown_param(key, method, known)}")
             check_domain(path, key, value)
-        count = len(self._expert_indices())
+        count = len(self.expert_indices())
         if not count:
             raise RecipeError(f"models: no model besides the base model {self.base_model!r}")
         besides = " besides the base" if method.needs_base else ""
@@ -159,10 +165,79 @@ class MergeRecipe(BaseModel):
             )
         return self
 
-    def _expert_indices(self) -> list[int]:
+    def _check_slices(self) -> Self:
+        if self.models:
+            raise RecipeError("slices: give either models or slices, not both")
+        if self.num_layers is not None:
+            raise RecipeError("num_layers: not used with slices (each slice names its layer_range)")
+        method = get_method(self.merge_method)
+        for i, piece in enumerate(self.slices):
+            base = piece.base_model or self.base_model
+            if (
+                method.needs_base
+                and base is not None
+                and not any(same_path(s.model, base) for s in piece.sources)
+            ):
+                raise RecipeError(
+                    f"slices[{i}].sources: the base model {base!r} is not among them (merge method "
+                    f"{method.name!r} merges against the base's layers, which a source names)"
+                )
+            try:
+                self.slice_recipe(i)
+            except RecipeError as exc:
+                raise RecipeError(f"slices[{i}]: {exc}") from None
+        return self
+
+    def slice_recipe(self, i: int) -> MergeRecipe:
+        """Slice ``i`` as an ordinary ``models`` recipe (its sources in order, the slice's base model and
+        parameters over the recipe's), which merges that slice's layers."""
+        piece = self.slices[i]
+        return MergeRecipe(
+            merge_method=self.merge_method,
+            base_model=piece.base_model or self.base_model,
+            models=[ModelEntry(model=s.model, parameters=s.parameters) for s in piece.sources],
+            parameters={**self.parameters, **piece.parameters},  # mergekit: the slice's take precedence
+            dtype=self.dtype,
+            out_dtype=self.out_dtype,
+            compute_dtype=self.compute_dtype,
+            tokenizer_source=self.tokenizer_source,
+            seed=self.seed,
+        )
+
+    def for_layers(self, num_layers: int) -> MergeRecipe:
+        """This recipe for models of ``num_layers`` layers: itself, or, when it was written for another layer
+        count (a mergekit slice ``layer_range: [0, n]`` over part of the stack), the sliced recipe that
+        takes those layers (RecipeError at merge time when the range goes past the last layer)."""
+        if self.slices or self.num_layers is None or self.num_layers == num_layers:
+            return self
+        sources = [
+            SliceSource(model=m.model, layer_range=(0, self.num_layers), parameters=m.parameters)
+            for m in self.models
+        ]
+        base = self.base_model
+        if self.method.needs_base and base and not any(same_path(m.model, base) for m in self.models):
+            sources.append(SliceSource(model=base, layer_range=(0, self.num_layers)))
+        data = {k: v for k, v in self.__dict__.items() if k not in ("models", "num_layers", "slices")}
+        return MergeRecipe(**data, slices=(OutputSlice(sources=tuple(sources)),))
+
+    def referenced_models(self) -> tuple[str, ...]:
+        """Every model path the recipe reads, each once, in order of first mention (the base first)."""
+        paths = [self.base_model] if self.base_model else []
+        paths += [m.model for m in self.models]
+        for piece in self.slices:
+            if piece.base_model:
+                paths.append(piece.base_model)
+            paths += [s.model for s in piece.sources]
+        out: list[str] = []
+        for path in paths:
+            if not any(same_path(path, seen) for seen in out):
+                out.append(path)
+        return tuple(out)
+
+    def expert_indices(self) -> list[int]:
         method = get_method(self.merge_method)
         if method.needs_base and self.base_model:
-            return [i for i, m in enumerate(self.models) if not _same_path(m.model, self.base_model)]
+            return [i for i, m in enumerate(self.models) if not same_path(m.model, self.base_model)]
         return list(range(len(self.models)))
 
     # ------------------------------------------------------------------ accessors
@@ -172,12 +247,12 @@ class MergeRecipe(BaseModel):
 
     def expert_models(self) -> tuple[ModelEntry, ...]:
         """The models that take part (for base-needing methods, entries naming the base are skipped)."""
-        return tuple(self.models[i] for i in self._expert_indices())
+        return tuple(self.models[i] for i in self.expert_indices())
 
     def tokenizer_path(self) -> str:
         """The directory to copy the tokenizer from (``base`` -> the base model, or the first model)."""
         if self.tokenizer_source == "base":
-            return self.base_model or self.models[0].model
+            return self.base_model or self.referenced_models()[0]
         return self.tokenizer_source
 
     def compute_torch_dtype(self) -> torch.dtype:
@@ -232,13 +307,16 @@ class MergeRecipe(BaseModel):
         out: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model is not None:
             out["base_model"] = self.base_model
-        models: list[dict[str, Any]] = []
-        for entry in self.models:
-            item: dict[str, Any] = {"model": entry.model}
-            if entry.parameters:
-                item["parameters"] = dump_params(entry.parameters)
-            models.append(item)
-        out["models"] = models
+        if self.slices:
+            out["slices"] = [piece.to_dict() for piece in self.slices]
+        else:
+            models: list[dict[str, Any]] = []
+            for entry in self.models:
+                item: dict[str, Any] = {"model": entry.model}
+                if entry.parameters:
+                    item["parameters"] = dump_params(entry.parameters)
+                models.append(item)
+            out["models"] = models
         if self.parameters:
             out["parameters"] = dump_params(self.parameters)
         if self.dtype is not None:
@@ -290,7 +368,7 @@ class MergeRecipe(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
     """Same model path after normalising (no filesystem access: this runs once per tensor)."""
     if a == b:
         return True
@@ -305,37 +383,35 @@ def _unknown_param(key: str, method: MergeMethod, known: Mapping[str, float]) ->
 
 
 # ---------------------------------------------------------------------------------------- resolution
-def _interpolate(values: tuple[float, ...], tensor_name: str, num_layers: int, param: str) -> float:
+def _interpolate(values: tuple[float, ...], t: float) -> float:
     m = len(values)
     if m == 1:
         return values[0]
     # A gradient of any length spans the layer stack, as in mergekit: its m points sit at depths
     # 0, 1/(m-1), ..., 1 and each layer takes the linear interpolation at its own depth.
-    x = layer_position(tensor_name, num_layers) * (m - 1)
+    x = t * (m - 1)
     lo = min(math.floor(x), m - 1)
     hi = min(lo + 1, m - 1)
     frac = x - lo
     return values[lo] * (1.0 - frac) + values[hi] * frac
 
 
-def _resolve_leaf(
-    v: bool | float | tuple[float, ...], tensor_name: str, num_layers: int, param: str
-) -> float:
+def _resolve_leaf(v: bool | float | tuple[float, ...], t: float) -> float:
     if isinstance(v, bool):
         return 1.0 if v else 0.0
     if isinstance(v, tuple):
-        return _interpolate(v, tensor_name, num_layers, param)
+        return _interpolate(v, t)
     return float(v)
 
 
-def _resolve_optional(value: ParamValue, tensor_name: str, num_layers: int, param: str) -> float | None:
+def _resolve_optional(value: ParamValue, tensor_name: str, t: float) -> float | None:
     if isinstance(value, tuple) and value and isinstance(value[0], FilterRule):
-        for j, rule in enumerate(value):
+        for rule in value:
             assert isinstance(rule, FilterRule)
             if rule.filter is None or rule.filter in tensor_name:
-                return _resolve_leaf(rule.value, tensor_name, num_layers, f"{param}[{j}].value")
+                return _resolve_leaf(rule.value, t)
         return None
-    return _resolve_leaf(value, tensor_name, num_layers, param)  # type: ignore[arg-type]
+    return _resolve_leaf(value, t)  # type: ignore[arg-type]
 
 
 def resolve(
@@ -345,13 +421,16 @@ def resolve(
     *,
     default: float | None = None,
     param: str = "parameter",
+    t: float | None = None,
 ) -> float:
     """The value of one parameter for tensor ``tensor_name`` of a model with ``num_layers`` layers.
 
     ``default`` applies when no filter rule matches (RecipeError without one). ``param`` names the
-    parameter in error messages (e.g. no filter rule matching the tensor).
+    parameter in error messages (e.g. no filter rule matching the tensor). ``t``: where per-layer lists
+    are evaluated (default: the tensor's relative depth, :func:`layer_position`; a slice gives its own).
     """
-    result = _resolve_optional(value, tensor_name, num_layers, param)
+    where = layer_position(tensor_name, num_layers) if t is None else t
+    result = _resolve_optional(value, tensor_name, where)
     if result is None:
         if default is None:
             raise RecipeError(f"{param}: no filter rule matches tensor {tensor_name!r}")
@@ -360,7 +439,7 @@ def resolve(
 
 
 def resolve_params(
-    recipe: MergeRecipe, tensor_name: str, num_layers: int
+    recipe: MergeRecipe, tensor_name: str, num_layers: int, *, t: float | None = None
 ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Per-model parameter dicts (one per :meth:`MergeRecipe.expert_models` entry, in order) and the
     global parameter dict for one tensor, as plain floats with the method's defaults filled in."""
@@ -372,7 +451,7 @@ def resolve_params(
         global_params[key] = (
             default
             if value is None
-            else resolve(value, tensor_name, num_layers, default=default, param=f"parameters.{key}")
+            else resolve(value, tensor_name, num_layers, default=default, param=f"parameters.{key}", t=t)
         )
     shared: dict[str, float] = {}
     for key, default in method.model_params.items():
@@ -380,10 +459,10 @@ def resolve_params(
         shared[key] = (
             default
             if value is None
-            else resolve(value, tensor_name, num_layers, default=default, param=f"parameters.{key}")
+            else resolve(value, tensor_name, num_layers, default=default, param=f"parameters.{key}", t=t)
         )
     per_model: list[dict[str, float]] = []
-    for i in recipe._expert_indices():
+    for i in recipe.expert_indices():
         own = recipe.models[i].parameters
         resolved: dict[str, float] = {}
         for key in method.model_params:
@@ -392,7 +471,12 @@ def resolve_params(
                 shared[key]
                 if value is None
                 else resolve(
-                    value, tensor_name, num_layers, default=shared[key], param=f"models[{i}].parameters.{key}"
+                    value,
+                    tensor_name,
+                    num_layers,
+                    default=shared[key],
+                    param=f"models[{i}].parameters.{key}",
+                    t=t,
                 )
             )
         per_model.append(resolved)

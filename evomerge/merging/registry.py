@@ -30,6 +30,9 @@ from evomerge.merging.methods import (
     multislerp,
     nearswap,
     nuslerp,
+    passthrough,
+    ram,
+    ramplus_tl,
     rsaf,
     sce,
     slerp,
@@ -102,6 +105,9 @@ PARAM_DOMAINS: dict[str, ParamDomain] = {
     "nuslerp_row_wise": _BOOL,
     "max_iter": ParamDomain(low=1.0),
     "tol": ParamDomain(low=0.0),
+    "scale": ParamDomain(),
+    "r": ParamDomain(low=0.0),
+    "alpha": ParamDomain(low=0.0),
 }
 """Allowed values per parameter name (a name means the same thing in every method)."""
 
@@ -167,6 +173,9 @@ METHODS: dict[str, MergeMethod] = {
     "nuslerp": _from_module("nuslerp", nuslerp, needs_base=False),
     "karcher": _from_module("karcher", karcher, needs_base=False),
     "arcee_fusion": _from_module("arcee_fusion", arcee_fusion, needs_base=True),
+    "passthrough": _from_module("passthrough", passthrough, needs_base=False),
+    "ram": _from_module("ram", ram, needs_base=True),
+    "ramplus_tl": _from_module("ramplus_tl", ramplus_tl, needs_base=True),
 }
 """All merge methods by registry name."""
 

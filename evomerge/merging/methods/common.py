@@ -364,3 +364,32 @@ def task_vector_kernel(how: Sparsifier, *, consensus: bool) -> Kernel:
         return task_vector_merge(inputs, params, global_params, seed, how=how, consensus=consensus)
 
     return merge
+
+
+def ram_merge(inputs: MergeInputs, epsilon: float, r: float = 0.0, alpha: float = 0.0) -> torch.Tensor:
+    """Reinforced Agent Merging (RAM; RAM+ tensor-local with ``r > 0``): per element, the task vectors
+    larger than ``epsilon`` in magnitude contribute; where only one model contributes its value is kept as it
+    is (times ``lambda_i = 1 + r * clamp(rho_i, 0, alpha)``, ``rho_i`` being model i's count of shared over
+    unique contributing entries in this tensor), where several contribute their mean is taken, where none
+    the base stays."""
+    base = inputs.require_base()
+    deltas = [inputs.delta(i) for i in range(inputs.count)]
+    active = [d.abs() > epsilon for d in deltas]
+    counts = torch.zeros_like(base, dtype=torch.int32)
+    for mask in active:
+        counts += mask
+    unique = counts == 1
+    shared = counts > 1
+    mean_of_shared = torch.zeros_like(base, dtype=torch.float32)
+    kept_alone = torch.zeros_like(base, dtype=torch.float32)
+    for delta, mask in zip(deltas, active, strict=True):
+        scale = 1.0
+        if r != 0.0:
+            n_unique = int((mask & unique).sum())
+            n_shared = int((mask & shared).sum())
+            rho = n_shared / max(float(n_unique), epsilon)
+            scale = 1.0 + r * min(max(rho, 0.0), alpha)
+        kept_alone += torch.where(mask & unique, delta, 0.0) * scale
+        mean_of_shared += torch.where(mask & shared, delta, 0.0)
+    mean_of_shared /= counts.clamp(min=1)
+    return base + (kept_alone + mean_of_shared)
