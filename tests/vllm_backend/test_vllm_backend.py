@@ -250,3 +250,25 @@ def test_chat_prompt_and_context_limits(on_base: VLLMBackend, prompts: list[str]
         on_base.generate(prompts, max_new_tokens=0, stop=[])
     # The engine is still usable after a refused call.
     assert len(on_base.generate(prompts[:2], max_new_tokens=4, stop=[])) == 2
+
+
+def test_stacked_model_loads_and_matches_the_hf_backend(
+    micro_zoo: Zoo, prompts: list[str], tmp_path: Path
+) -> None:
+    """A frankenmerge (the base's layers, then the arith expert's from layer 1 on: a deeper model) loads in
+    a fresh vLLM engine and generates what transformers generates from the same directory."""
+    with ModelDir(micro_zoo.base) as md:
+        layers = md.num_layers
+    recipe = MergeRecipe.model_validate(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": micro_zoo.base, "layer_range": [0, layers]}]},
+                {"sources": [{"model": micro_zoo.experts["arith"], "layer_range": [1, layers]}]},
+            ],
+        }
+    )
+    stacked = str(merge_streaming(recipe, tmp_path / "stacked"))
+    assert json.loads((Path(stacked) / "config.json").read_text())["num_hidden_layers"] == 2 * layers - 1
+    expected = HFBackend.from_pretrained(stacked, batch_size=8).generate(prompts, max_new_tokens=12, stop=[])
+    assert fresh_outputs([stacked], prompts, max_new_tokens=12)[stacked] == expected
