@@ -560,27 +560,3 @@ def test_to_mergekit_yaml_round_trip(case: str, tmp_path: Path, family: Family) 
     assert "seed" not in yaml.safe_load(exported)
     ours = read_all(merge_streaming(recipe, tmp_path / "ours"))
     _assert_same_tensors(ours, run_mergekit(exported, tmp_path / "theirs"))
-
-
-# ============================================================================ 4. refusals
-def test_refuses_union_tokenizer(family: Family) -> None:
-    text = family.fill(EQUIVALENCE_RECIPES["linear"]) + "tokenizer_source: union\n"
-    with pytest.raises(RecipeError) as exc:
-        MergeRecipe.from_yaml(text)
-    assert _one_line(exc).startswith("tokenizer_source")
-
-
-def test_refuses_modules(family: Family) -> None:
-    text = f"""
-modules:
-  decoder:
-    slices:
-      - sources:
-          - model: {family.base}
-            layer_range: [0, 3]
-merge_method: linear
-dtype: float32
-"""
-    with pytest.raises(RecipeError) as exc:
-        MergeRecipe.from_yaml(text)
-    assert _one_line(exc).startswith("modules")

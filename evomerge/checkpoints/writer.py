@@ -173,12 +173,17 @@ class ModelWriter:
         dtype: torch.dtype,
         tokenizer_source: Path | None,
         model_card: str,
+        chat_template: str | None = None,
     ) -> Path:
-        """Write the last shard, index, config, tokenizer files and README, then move into place."""
+        """Write the last shard, index, config, tokenizer files and README, then move into place.
+        ``chat_template``: the output's chat template (chat_template.jinja and tokenizer_config.json's
+        ``chat_template``) instead of the tokenizer source's."""
         tmp = self._ensure_tmp()
         try:
             weight_map = self._write_shards(tmp)
             self._write_metadata(tmp, weight_map, config, dtype, tokenizer_source, model_card)
+            if chat_template is not None:
+                _write_chat_template(tmp, chat_template)
         except OSError as exc:
             raise CheckpointError(_write_error(self._out, exc)) from None
         self._commit(tmp)
@@ -421,3 +426,15 @@ class _ShardStream:
                 break
         self.queue.put(_STOP)
         self.thread.join()
+
+
+def _write_chat_template(root: Path, template: str) -> None:
+    """Make ``template`` the chat template of the tokenizer files in ``root`` (transformers reads
+    chat_template.jinja first; tokenizer_config.json's entry is kept in step for older readers)."""
+    (root / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (root / "chat_template.json").unlink(missing_ok=True)
+    config = root / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["chat_template"] = template
+        config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

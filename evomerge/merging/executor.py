@@ -22,6 +22,7 @@ import torch
 from evomerge.checkpoints.model_dir import ModelDir, TensorInfo, torch_dtype_from_safetensors
 from evomerge.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES, ModelWriter
 from evomerge.errors import CheckpointError, RecipeError
+from evomerge.merging.chat_templates import resolve_chat_template
 from evomerge.merging.execution import check_compatible, check_disk_space, merge_one, model_card, run_kernel
 from evomerge.merging.inputs import MergeInputs
 from evomerge.merging.recipe import MergeRecipe
@@ -240,6 +241,7 @@ def merge_streaming(
                 dtype=out_dtype,
                 tokenizer_source=tokenizer_dir,
                 model_card=model_card(recipe, title=writer.out_dir.name),
+                chat_template=resolve_chat_template(recipe.chat_template, recipe.referenced_models()),
             )
     raise AssertionError("unreachable")  # pragma: no cover
 

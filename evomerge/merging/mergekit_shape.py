@@ -4,9 +4,12 @@ mergekit recipes are read as they are: ``slices`` with one slice whose sources a
 ``layer_range: [0, n]`` become ``models`` (with ``num_layers: n`` checked against the models); slice-level
 ``base_model`` and ``parameters`` apply as in mergekit; other ``slices`` (stacking, splicing, partial
 ranges) stay slices (:mod:`evomerge.merging.slices`). ``tokenizer_source: null`` means ``base``.
-``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union`` and a slice's
-``residual_weight`` are refused by name with a one-line RecipeError. :data:`MERGEKIT_METHODS` names the
-methods a recipe can be written back to mergekit with (:meth:`MergeRecipe.to_mergekit`).
+``tokenizer: {source: ...}`` is read as ``tokenizer_source``; ``chat_template`` is kept (written into the
+output's tokenizer files). ``modules``, ``tokenizer_source: union`` (or ``tokenizer.source: union``),
+``tokenizer.tokens`` / ``pad_to_multiple_of`` and a slice's ``residual_weight`` are refused by name with a
+one-line RecipeError; any other unknown key is refused by the recipe's validation, naming it.
+:data:`MERGEKIT_METHODS` names the methods a recipe can be written back to mergekit with
+(:meth:`MergeRecipe.to_mergekit`).
 """
 
 from __future__ import annotations
@@ -46,9 +49,7 @@ MERGEKIT_METHODS: frozenset[str] = frozenset(
 """Registered methods that mergekit also has, with the same name and parameters."""
 
 _UNSUPPORTED_MERGEKIT_KEYS: dict[str, str] = {
-    "modules": "multi-module merges are not supported",
-    "tokenizer": "tokenizer building is not supported; use tokenizer_source: base or a model directory",
-    "chat_template": "chat templates come from the tokenizer source; remove chat_template",
+    "modules": "multi-module merges are not supported; use models or slices",
 }
 
 
@@ -60,6 +61,9 @@ def from_mergekit(data: Mapping[str, Any]) -> dict[str, Any]:
         if out.get(key) is not None:
             raise RecipeError(f"{key}: {why}")
         out.pop(key, None)
+    tokenizer = out.pop("tokenizer", None)
+    if tokenizer is not None:
+        out["tokenizer_source"] = _tokenizer_source(tokenizer, out.get("tokenizer_source"))
     if "tokenizer_source" in out and out["tokenizer_source"] is None:
         out["tokenizer_source"] = "base"
     if out.get("tokenizer_source") == "union":
@@ -141,3 +145,26 @@ def _single_slice(out: dict[str, Any], piece: Mapping[str, Any]) -> dict[str, An
         merged.update(piece["parameters"])  # mergekit: slice parameters take precedence
         out["parameters"] = merged
     return out
+
+
+def _tokenizer_source(tokenizer: object, tokenizer_source: object) -> object:
+    """mergekit's ``tokenizer: {source, tokens, pad_to_multiple_of}`` as a ``tokenizer_source``; RecipeError
+    (naming the key) for what evomerge does not build."""
+    if tokenizer_source is not None:
+        raise RecipeError("tokenizer: give tokenizer or tokenizer_source, not both (as in mergekit)")
+    if not isinstance(tokenizer, Mapping):
+        raise RecipeError("tokenizer: a mapping with source (base or a model directory)")
+    unknown = sorted(str(k) for k in tokenizer if k not in ("source", "tokens", "pad_to_multiple_of"))
+    if unknown:
+        raise RecipeError(
+            f"tokenizer.{unknown[0]}: unknown key (mergekit has source, tokens, pad_to_multiple_of)"
+        )
+    for key in ("tokens", "pad_to_multiple_of"):
+        if tokenizer.get(key):
+            raise RecipeError(f"tokenizer.{key}: building a tokenizer is not supported; remove {key}")
+    source = tokenizer.get("source")
+    if source == "union":
+        raise RecipeError("tokenizer.source: 'union' is not supported; use 'base' or a model directory")
+    if source is None:
+        raise RecipeError("tokenizer.source: required (base or a model directory)")
+    return source

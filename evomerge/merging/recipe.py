@@ -55,6 +55,7 @@ from evomerge.checkpoints.layers import layer_position
 from evomerge.checkpoints.writer import DTYPES
 from evomerge.config_util import format_validation_error
 from evomerge.errors import RecipeError
+from evomerge.merging.chat_templates import check_chat_template
 from evomerge.merging.mergekit_shape import MERGEKIT_METHODS, from_mergekit
 from evomerge.merging.params import FilterRule, ModelEntry, Params, ParamValue, check_domain, dump_params
 from evomerge.merging.registry import MergeMethod, get_method
@@ -94,6 +95,9 @@ class MergeRecipe(BaseModel):
     """The dtype the merge computes in when it differs from ``dtype`` (evomerge; default: ``dtype``, else
     float32)."""
     tokenizer_source: str = "base"
+    chat_template: str | None = None
+    """The output's chat template: ``auto``, a name or a Jinja template (see
+    :mod:`evomerge.merging.chat_templates`); None keeps the tokenizer source's."""
     seed: int = 0
     num_layers: int | None = None
     """Layer count the recipe was written for (from a mergekit slice's ``layer_range``); checked on merge."""
@@ -122,6 +126,8 @@ class MergeRecipe(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Self:
         method = get_method(self.merge_method)
+        if self.chat_template is not None:
+            check_chat_template(self.chat_template)
         if self.slices:
             return self._check_slices()
         if not self.models:
@@ -201,6 +207,7 @@ class MergeRecipe(BaseModel):
             out_dtype=self.out_dtype,
             compute_dtype=self.compute_dtype,
             tokenizer_source=self.tokenizer_source,
+            chat_template=self.chat_template,
             seed=self.seed,
         )
 
@@ -326,6 +333,8 @@ class MergeRecipe(BaseModel):
         if self.compute_dtype is not None:
             out["compute_dtype"] = self.compute_dtype
         out["tokenizer_source"] = self.tokenizer_source
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         out["seed"] = self.seed
         if self.num_layers is not None:
             out["num_layers"] = self.num_layers

@@ -18,6 +18,7 @@ from evomerge.checkpoints.layers import layer_index, with_layer
 from evomerge.checkpoints.model_dir import ModelDir, torch_dtype_from_safetensors
 from evomerge.checkpoints.writer import DEFAULT_MAX_SHARD_BYTES, ModelWriter
 from evomerge.errors import CheckpointError, RecipeError
+from evomerge.merging.chat_templates import resolve_chat_template
 from evomerge.merging.execution import architecture, check_disk_space, model_card, run_kernel
 from evomerge.merging.inputs import MergeInputs
 from evomerge.merging.recipe import MergeRecipe, same_path
@@ -130,6 +131,7 @@ def merge_sliced_streaming(
                 dtype=out_dtype,
                 tokenizer_source=tokenizer_dir,
                 model_card=model_card(recipe, title=writer.out_dir.name),
+                chat_template=resolve_chat_template(recipe.chat_template, recipe.referenced_models()),
             )
     raise AssertionError("unreachable")  # pragma: no cover
 
