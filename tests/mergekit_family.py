@@ -42,13 +42,13 @@ class Family:
         return Template(template).substitute(names)
 
 
-def tiny_llama_model() -> Any:
+def tiny_llama_model(num_layers: int = NUM_LAYERS, hidden: int = 64) -> Any:
     import transformers
 
     config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=NUM_LAYERS,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
         num_attention_heads=2,
         num_key_value_heads=2,
         vocab_size=96,
@@ -72,11 +72,11 @@ def tiny_tokenizer() -> Any:
     return fast(tokenizer_object=backend, unk_token="t0")
 
 
-def make_family(root: Path) -> Family:
+def make_family(root: Path, *, num_layers: int = NUM_LAYERS, hidden: int = 64, experts: int = 3) -> Family:
     """Base: ``0.02 * randn`` weights, norms ``1 + 0.02 * randn``. Expert i: ``base + 0.01 * (0.6 s +
     0.8 n_i)`` with a shared direction ``s`` and own noise ``n_i``: two task vectors agree in sign on ~62%
     of entries, so TIES' sign election matters."""
-    model = tiny_llama_model()
+    model = tiny_llama_model(num_layers, hidden)
     gen = torch.Generator().manual_seed(1234)
     base: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
@@ -87,8 +87,8 @@ def make_family(root: Path) -> Family:
     model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     shared = {name: torch.randn(v.shape, generator=gen) for name, v in base.items()}
-    experts: list[Path] = []
-    for i in range(3):
+    paths: list[Path] = []
+    for i in range(experts):
         own = torch.Generator().manual_seed(100 + i)
         state = {
             name: v + 0.01 * (0.6 * shared[name] + 0.8 * torch.randn(v.shape, generator=own))
@@ -97,8 +97,8 @@ def make_family(root: Path) -> Family:
         model.load_state_dict(state)
         model.save_pretrained(root / f"expert_{i}")
         tokenizer.save_pretrained(root / f"expert_{i}")
-        experts.append(root / f"expert_{i}")
-    return Family(base=root / "base", experts=tuple(experts))
+        paths.append(root / f"expert_{i}")
+    return Family(base=root / "base", experts=tuple(paths))
 
 
 # ============================================================================ helpers
