@@ -11,6 +11,7 @@ EOS, at the first stop string, or after ``max_new_tokens`` tokens.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from evomerge.checkpoints.layers import layer_index
 from evomerge.errors import CheckpointError, ConfigError, EvaluationError
 
 __all__ = ["HFBackend", "check_finite", "cut_at_stop"]
@@ -61,6 +63,13 @@ def cut_at_stop(text: str, stop: Iterable[str]) -> str:
     return text[:end]
 
 
+def _depth(state: Mapping[str, torch.Tensor]) -> int | None:
+    """How many decoder layers ``state`` holds (None: no layer tensors)."""
+    layers = [layer_index(name) for name in state]
+    known = [i for i in layers if i is not None]
+    return max(known) + 1 if known else None
+
+
 def _ids(value: object) -> set[int]:
     if value is None:
         return set()
@@ -97,6 +106,7 @@ class HFBackend:
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._param_groups = self._tied_groups()
+        self._layer_pool: list[Any] | None = None  # every decoder layer built so far (see fit_layers)
 
     @classmethod
     def from_pretrained(
@@ -268,6 +278,48 @@ class HFBackend:
         out.update(state)
         return out
 
+    def _layer_list(self) -> tuple[Any, str, Any] | None:
+        """``(parent module, attribute, ModuleList)`` of the decoder layers, or None."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h"):
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                return parent, attr, module
+        return None
+
+    def fit_layers(self, count: int) -> None:
+        """Give the live model ``count`` decoder layers (a layer-path candidate's depth): layers beyond the
+        ones built so far are copies of the last one (their weights come with the candidate), and every
+        layer learns its new index (the KV cache is indexed by it). EvaluationError for a model whose
+        layers are not all of one kind (``layer_types``) or whose layer list is not found."""
+        found = self._layer_list()
+        if found is None:
+            raise EvaluationError("this model's decoder layer list was not found; its depth cannot change")
+        parent, attr, layers = found
+        if len(layers) == count:
+            return
+        config = self.model.config
+        kinds = getattr(config, "layer_types", None)
+        if kinds is not None and len(set(kinds)) > 1:
+            raise EvaluationError(
+                "candidates of another depth need one kind of decoder layer; this model mixes "
+                f"{sorted(set(kinds))}"
+            )
+        if self._layer_pool is None:
+            self._layer_pool = list(layers)
+        while len(self._layer_pool) < count:
+            self._layer_pool.append(copy.deepcopy(self._layer_pool[-1]))
+        chosen = torch.nn.ModuleList(self._layer_pool[:count])
+        for index, layer in enumerate(chosen):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    setattr(module, "layer_idx", index)  # noqa: B010 (a plain attribute, not a tensor)
+        setattr(parent, attr, chosen)
+        config.num_hidden_layers = count
+        if kinds is not None:
+            config.layer_types = [kinds[0]] * count
+        self._param_groups = self._tied_groups()
+
     def load_state_dict(self, state: Mapping[str, torch.Tensor], *, check: bool = True) -> None:
         """Copy ``state`` into the live model's parameters and buffers, in place.
 
@@ -276,6 +328,9 @@ class HFBackend:
         EvaluationError, before anything is copied, for missing or unexpected names, a wrong shape,
         or (with ``check``) a NaN or Inf.
         """
+        depth = _depth(state)
+        if depth is not None:
+            self.fit_layers(depth)
         live = self.model.state_dict(keep_vars=True)
         unexpected = sorted(set(state) - set(live))
         if unexpected:

@@ -230,6 +230,16 @@ class SweepConfig(BaseModel):
             raise ValueError(f"tasks: duplicate task name in {names}")
         if self.fidelity is not None and self.multi_objective:
             raise ValueError("fidelity: pruning needs a single-objective sampler (not nsga2)")
+        if self.search_space.layer_path is not None:
+            if self.backend.kind != "hf":
+                raise ValueError(
+                    "search_space.layer_path: candidates change the layer count, which only the "
+                    "transformers backend follows in memory (backend: {kind: hf})"
+                )
+            if self.polish is not None:
+                raise ValueError("polish: trains merge coefficients; a layer-path search has none")
+            if self.seed_genomes:
+                raise ValueError("seed_genomes: parameter values; a layer-path search takes seed_recipes")
         if self.polish is not None:
             methods = self.search_space.candidate_methods
             if "pick" in self.polish.starts and methods != ("task_arithmetic",):

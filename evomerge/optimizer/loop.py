@@ -51,7 +51,8 @@ from evomerge.optimizer.study import (
     study_lock,
 )
 from evomerge.optimizer.sweep import ResolvedSweep, check_held_out, question_key
-from evomerge.search_spaces import SearchSpace
+from evomerge.search_spaces import AnySpace, LayerPathSpace
+from evomerge.search_spaces import build_space as _build_space
 
 TrialCallback = Callable[[int, int, "TrialOutcome"], None]
 
@@ -71,15 +72,18 @@ def objective_values(config: SweepConfig, result: EvalResult) -> float | list[fl
     return result.mean
 
 
-def build_space(sweep: ResolvedSweep, num_layers: int) -> SearchSpace:
-    return SearchSpace(sweep.config.search_space, sweep.base, sweep.experts, num_layers)
+def build_space(sweep: ResolvedSweep, num_layers: int) -> AnySpace:
+    return _build_space(sweep.config.search_space, sweep.base, sweep.experts, num_layers)
 
 
-def seed_genomes(config: SweepConfig, space: SearchSpace) -> list[dict[str, Any]]:
+def seed_genomes(config: SweepConfig, space: AnySpace) -> list[dict[str, Any]]:
     """The genomes enqueued before the sampler takes over, each once, in order: ``seed_recipes`` (with
     ``uniform``, also uniform weights at each of the report's ``baseline_weights``, so the search holds
-    the baselines it is compared with), then ``seed_genomes``."""
+    the baselines it is compared with), then ``seed_genomes``. A layer-path space: its ``seed_recipes``
+    (each source model's own path) only."""
     genomes: list[dict[str, Any]] = list(space.seed_genomes(config.seed_recipes))
+    if isinstance(space, LayerPathSpace):
+        return [g for i, g in enumerate(genomes) if g not in genomes[:i]]
     params = space.config.params
     if "uniform" in config.seed_recipes and any(p.name == "weight" for p in params):
         for w in config.baseline_weights:
@@ -205,7 +209,7 @@ class _Driver:
     def __init__(
         self,
         sweep: ResolvedSweep,
-        space: SearchSpace,
+        space: AnySpace,
         study: optuna.Study,
         executor: Executor,
         on_trial: TrialCallback | None,

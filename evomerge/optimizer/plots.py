@@ -32,6 +32,7 @@ from evomerge.atomic_io import atomic_file
 from evomerge.errors import ConfigError
 from evomerge.merging import FilterRule, MergeRecipe, ParamValue, resolve_params
 from evomerge.optimizer.export import trial_recipe
+from evomerge.optimizer.path_plot import plot_layer_path
 from evomerge.optimizer.study import best_trial, complete_trials, pareto_front
 from evomerge.search_spaces import expert_aliases
 
@@ -568,8 +569,14 @@ def write_report_plots(
         best = best_trial(study)
     except ConfigError:
         return paths
+    recipe = trial_recipe(best)
+    title = f"{study.study_name}, trial {best.number} (dev mean {float(best.user_attrs['mean']):.3f})"
+    if recipe.slices or recipe.merge_method == "passthrough":  # a layer path
+        plot_layer_path(recipe, num_layers, out / "heatmap.png", title=f"Best layer path: {title}")
+        paths["heatmap"] = out / "heatmap.png"
+        return paths
     plot_recipe_heatmap(
-        trial_recipe(best),
+        recipe,
         num_layers,
         out / "heatmap.png",
         title=(

@@ -1,5 +1,22 @@
-"""Genome <-> recipe mappings: granularity, bounds, Optuna distributions."""
+"""Genome <-> recipe mappings: granularity, bounds, Optuna distributions; the layer-path space."""
 
-from evomerge.search_spaces.space import ParamRange, SearchSpace, SearchSpaceConfig, expert_aliases
+from evomerge.search_spaces.layer_path import LayerPathConfig, LayerPathSpace
+from evomerge.search_spaces.space import (
+    AnySpace,
+    ParamRange,
+    SearchSpace,
+    SearchSpaceConfig,
+    build_space,
+    expert_aliases,
+)
 
-__all__ = ["ParamRange", "SearchSpace", "SearchSpaceConfig", "expert_aliases"]
+__all__ = [
+    "AnySpace",
+    "LayerPathConfig",
+    "LayerPathSpace",
+    "ParamRange",
+    "SearchSpace",
+    "SearchSpaceConfig",
+    "build_space",
+    "expert_aliases",
+]

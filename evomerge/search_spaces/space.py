@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merging import MergeRecipe, get_method, param_domain
+from evomerge.search_spaces.layer_path import LayerPathConfig, LayerPathSpace
 
 Granularity = Literal["global", "layer_group", "layer", "control_points"]
 GLOBAL_GENES = "(global)"
@@ -90,6 +91,9 @@ class SearchSpaceConfig(BaseModel):
     """Method-wide parameters held fixed."""
     global_params: tuple[ParamRange, ...] = ()
     """Method-wide parameters searched (bounds inside the parameter's domain), shared by all experts."""
+    layer_path: LayerPathConfig | None = None
+    """Search the data-flow space instead (which layer of which model at each depth; see
+    :mod:`evomerge.search_spaces.layer_path`): the merge method and parameters above are then unused."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """The candidates' output dtype (their recipes' ``out_dtype``); merges compute in float32."""
     seed: int = 0
@@ -366,3 +370,16 @@ def _compact(values: list[float]) -> float | list[float]:
     if all(v == rounded[0] for v in rounded):
         return rounded[0]
     return rounded
+
+
+AnySpace = SearchSpace | LayerPathSpace
+"""Either kind of search space: both map a genome of Optuna floats to a recipe."""
+
+
+def build_space(
+    config: SearchSpaceConfig, base_model: str, experts: Sequence[str], num_layers: int
+) -> AnySpace:
+    """The parameter-space :class:`SearchSpace`, or the :class:`LayerPathSpace` with ``layer_path``."""
+    if config.layer_path is not None:
+        return LayerPathSpace(config.layer_path, base_model, experts, num_layers, dtype=config.dtype)
+    return SearchSpace(config, base_model, experts, num_layers)
