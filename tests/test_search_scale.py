@@ -91,6 +91,37 @@ def test_ray_workers_run_a_sweep_asynchronously(
     assert 0.0 <= stats["idle_fraction"] < 1.0 and stats["trials_per_minute"] > 0
 
 
+def test_ray_workers_run_a_layer_path_sweep(ray_local: Any, zoo_cache: Path, tmp_path: Path) -> None:
+    """Candidates of several depths, each merged and scored in memory on a Ray worker."""
+    from evomerge.merging import MergeRecipe
+    from evomerge.optimizer.executors import RayExecutor
+    from evomerge.search_spaces import LayerPathConfig
+
+    cfg = SweepConfig(
+        study_name="ray-path",
+        runs_dir=str(tmp_path),
+        zoo="micro",
+        search_space=SearchSpaceConfig(layer_path=LayerPathConfig(repeats=2)),
+        sampler=SamplerConfig(name="random", seed=4),
+        n_trials=8,
+        executor=ExecutorConfig(kind="ray", workers=2),
+    )
+    sweep = resolve_sweep(cfg, zoo_cache=zoo_cache)
+    pool = RayExecutor(sweep, num_workers=2)
+    try:
+        study = run_search(sweep, pool)
+    finally:
+        pool.close()
+    complete = trials_in(study, TrialState.COMPLETE)
+    assert len(complete) == 8 and not trials_in(study, TrialState.FAIL)
+    depths = set()
+    for t in complete:
+        recipe = MergeRecipe.model_validate(t.user_attrs["recipe"])
+        depths.add(sum(piece.length for piece in recipe.slices) or recipe.num_layers)
+        assert set(t.user_attrs["scores"]) == {"arith", "code", "logic"}
+    assert len(depths) > 1  # the workers' live models followed candidates of several depths
+
+
 def _kill_first_running(study_name: str, storage: str, killed: list[int], stop: threading.Event) -> None:
     """Watch the study; SIGKILL the worker of the first RUNNING trial once (its pid goes in ``killed``).
 
