@@ -107,11 +107,14 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
         return {n: md.read(n).clone() for n in md.tensor_names()}
 
 
-def run_mergekit(text: str, out: Path, *, random_seed: int | None = None) -> dict[str, torch.Tensor]:
-    """Merge with mergekit in-process (CPU, no tokenizer, no model card) and read the result back."""
+def run_mergekit(
+    text: str, out: Path, *, random_seed: int | None = None, tokenizer: bool = False
+) -> dict[str, torch.Tensor]:
+    """Merge with mergekit in-process (CPU, no model card; the tokenizer only with ``tokenizer``) and read
+    the result back."""
     config = mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(text))
     options = mergekit_options.MergeOptions(
-        copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=random_seed
+        copy_tokenizer=tokenizer, write_model_card=False, quiet=True, random_seed=random_seed
     )
     mergekit_merge.run_merge(config, str(out), options=options)
     return read_all(out)

@@ -60,8 +60,6 @@ def _one_line(exc: pytest.ExceptionInfo[RecipeError]) -> str:
     ("extra", "start"),
     [
         ("modules: {decoder: {models: [{model: x}]}}\n", "modules"),
-        ("tokenizer_source: union\n", "tokenizer_source"),
-        ("tokenizer: {source: union}\n", "tokenizer.source"),
         ("tokenizer: {source: base, tokens: {'<x>': {source: base}}}\n", "tokenizer.tokens"),
         ("tokenizer: {source: base, pad_to_multiple_of: 64}\n", "tokenizer.pad_to_multiple_of"),
         ("tokenizer: {source: base, colour: red}\n", "tokenizer.colour"),
@@ -106,6 +104,10 @@ def test_auto_picks_the_template_most_models_share(tmp_path: Path, family: Famil
     assert (
         kept / "chat_template.jinja"
     ).read_text() == "{{ 'A' }}"  # the tokenizer source's (the first model)
+
+
+def test_tokenizer_source_union_key(family: Family) -> None:
+    assert MergeRecipe.from_yaml(_linear(family, "tokenizer: {source: union}\n")).tokenizer_source == "union"
 
 
 def test_tokenizer_source_key(tmp_path: Path, family: Family) -> None:

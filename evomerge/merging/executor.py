@@ -9,11 +9,13 @@ for the same recipe they produce bit-identical tensors.
 from __future__ import annotations
 
 import logging
+import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from evomerge.merging.inputs import MergeInputs
 from evomerge.merging.recipe import MergeRecipe
 from evomerge.merging.sliced import merge_sliced_streaming, slice_inputs
 from evomerge.merging.slices import PlannedTensor, plan_slices, sliced_config
+from evomerge.merging.vocab import VocabAlignment, union_vocab, vocab_tensors
 
 __all__ = [
     "InMemoryMerger",
@@ -75,7 +78,10 @@ class _Reader:
         shared_rows: dict[str, int],
         device: torch.device,
         strict: bool,
+        vocab: tuple[VocabAlignment, dict[ModelDir, str]] | None = None,
     ) -> None:
+        self.vocab = vocab
+        """``tokenizer_source: union``: the alignment and each model's path in it."""
         self.base = base
         self.experts = experts
         self.reference = base if base is not None else experts[0]
@@ -83,11 +89,7 @@ class _Reader:
         self.shared_rows = shared_rows
         self.device = device
         self.strict = strict
-
-    def _raw(self, model: ModelDir, name: str) -> torch.Tensor:
-        tensor = model.read(name)
-        rows = self.shared_rows.get(name)
-        return tensor[:rows] if rows is not None else tensor
+        self._local = threading.local()  # the aligned vocabulary tensors of the tensor being read
 
     def _check(
         self, model: ModelDir, name: str, tensor: torch.Tensor, source: torch.Tensor, warnings: list[str]
@@ -104,9 +106,24 @@ class _Reader:
             raise CheckpointError(message + " (--strict)")
         warnings.append(message + "; they propagate into the merge")
 
+    def _raw(self, model: ModelDir, name: str) -> torch.Tensor:
+        pending = getattr(self._local, "aligned", None)
+        if pending is not None and pending[0] == name:
+            aligned: torch.Tensor = pending[1][model]
+            return aligned
+        tensor = model.read(name)
+        rows = self.shared_rows.get(name)
+        return tensor[:rows] if rows is not None else tensor
+
     def __call__(self, name: str) -> _Job:
         if not self.infos[name].is_float:
             return _Job(name, None, self.reference.read(name), None, [])
+        if self.vocab is not None and name in self.vocab[0].tensors:
+            alignment, paths = self.vocab
+            aligned = alignment.align({paths[m]: m.read(name) for m in paths})
+            self._local.aligned = (name, {m: aligned[paths[m]] for m in paths})
+        else:
+            self._local.aligned = None
         warnings: list[str] = []
         if self.base is None:
             experts: list[torch.Tensor] = []
@@ -195,16 +212,32 @@ def merge_streaming(
         infos = check_compatible(
             reference, [m for m in experts if m is not reference], shared_rows=shared_rows
         )
+        vocab = None
+        tokenizer_tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="evomerge-union-"))
+        if recipe.tokenizer_source == "union":
+            alignment = union_vocab(recipe.base_model, [e.model for e in recipe.expert_models()])
+            models = ([base] if base is not None else []) + experts
+            paths = dict(zip(models, _recipe_paths(recipe), strict=True))
+            vocab = (alignment, paths)
+            infos = dict(infos)
+            for name in vocab_tensors(reference, infos):
+                alignment.tensors.add(name)
+                shared_rows.pop(name, None)
+                infos[name] = replace(infos[name], shape=(alignment.size, *infos[name].shape[1:]))
+            alignment.tokenizer.save_pretrained(tokenizer_tmp)
         for name, rows in shared_rows.items():
             say(
                 f"vocabulary sizes differ for {name!r}: merged the {rows} rows all models share; rows "
                 f"{rows}..{infos[name].shape[0] - 1} are copied from {reference.path}"
             )
         num_layers = reference.num_layers
-        tokenizer_dir = Path(recipe.tokenizer_path()).expanduser()
+        tokenizer_dir = Path(tokenizer_tmp) if vocab else Path(recipe.tokenizer_path()).expanduser()
         if not tokenizer_dir.is_dir():
             raise CheckpointError(f"tokenizer_source is not a directory: {tokenizer_dir}")
         out_dtype = recipe.torch_dtype(reference.torch_dtype)
+        config = dict(reference.config)
+        if vocab is not None:
+            config["vocab_size"] = vocab[0].size
         names = list(infos)
         plan = [
             (
@@ -214,7 +247,7 @@ def merge_streaming(
             )
             for n in names
         ]
-        reader = _Reader(base, experts, infos, shared_rows, device, strict)
+        reader = _Reader(base, experts, infos, shared_rows, device, strict, vocab)
         with writer, ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="evomerge-read") as pool:
             writer.plan(plan)
             check_disk_space(writer.out_dir, writer.total_bytes)
@@ -237,13 +270,18 @@ def merge_streaming(
                 if progress is not None:
                     progress(done, len(names), name)
             return writer.finalize(
-                reference.config,
+                config,
                 dtype=out_dtype,
                 tokenizer_source=tokenizer_dir,
                 model_card=model_card(recipe, title=writer.out_dir.name),
                 chat_template=resolve_chat_template(recipe.chat_template, recipe.referenced_models()),
             )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _recipe_paths(recipe: MergeRecipe) -> list[str]:
+    """The recipe's model paths in the order merge_streaming opens them (the base first)."""
+    return ([recipe.base_model] if recipe.base_model else []) + [e.model for e in recipe.expert_models()]
 
 
 def _path_key(path: str | Path) -> str:
@@ -403,6 +441,11 @@ class InMemoryMerger:
         device; integer buffers are copies of the reference model's.
         """
         recipe = recipe.for_layers(self._num_layers)
+        if recipe.tokenizer_source == "union":
+            raise RecipeError(
+                "tokenizer_source: union builds a new vocabulary; in-memory candidates share the loaded "
+                "models' (merge it with `evomerge merge`)"
+            )
         if recipe.slices:
             return self._generate_sliced(recipe)
         selected = self._select(recipe)  # errors surface here, before the first tensor is asked for

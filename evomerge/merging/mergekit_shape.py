@@ -5,9 +5,10 @@ mergekit recipes are read as they are: ``slices`` with one slice whose sources a
 ``base_model`` and ``parameters`` apply as in mergekit; other ``slices`` (stacking, splicing, partial
 ranges) stay slices (:mod:`evomerge.merging.slices`). ``tokenizer_source: null`` means ``base``.
 ``tokenizer: {source: ...}`` is read as ``tokenizer_source``; ``chat_template`` is kept (written into the
-output's tokenizer files). ``modules``, ``tokenizer_source: union`` (or ``tokenizer.source: union``),
-``tokenizer.tokens`` / ``pad_to_multiple_of`` and a slice's ``residual_weight`` are refused by name with a
-one-line RecipeError; any other unknown key is refused by the recipe's validation, naming it.
+output's tokenizer files); ``tokenizer_source: union`` merges over the union of the vocabularies
+(:mod:`evomerge.merging.vocab`). ``modules``, ``tokenizer.tokens`` / ``pad_to_multiple_of`` and a slice's
+``residual_weight`` are refused by name with a one-line RecipeError; any other unknown key is refused by
+the recipe's validation, naming it.
 :data:`MERGEKIT_METHODS` names the methods a recipe can be written back to mergekit with
 (:meth:`MergeRecipe.to_mergekit`).
 """
@@ -66,8 +67,6 @@ def from_mergekit(data: Mapping[str, Any]) -> dict[str, Any]:
         out["tokenizer_source"] = _tokenizer_source(tokenizer, out.get("tokenizer_source"))
     if "tokenizer_source" in out and out["tokenizer_source"] is None:
         out["tokenizer_source"] = "base"
-    if out.get("tokenizer_source") == "union":
-        raise RecipeError("tokenizer_source: 'union' is not supported; use 'base' or a model directory")
     for key in ("dtype", "out_dtype"):
         if out.get(key) is None:
             out.pop(key, None)
@@ -163,8 +162,6 @@ def _tokenizer_source(tokenizer: object, tokenizer_source: object) -> object:
         if tokenizer.get(key):
             raise RecipeError(f"tokenizer.{key}: building a tokenizer is not supported; remove {key}")
     source = tokenizer.get("source")
-    if source == "union":
-        raise RecipeError("tokenizer.source: 'union' is not supported; use 'base' or a model directory")
     if source is None:
         raise RecipeError("tokenizer.source: required (base or a model directory)")
     return source
