@@ -42,10 +42,16 @@ class Family:
         return Template(template).substitute(names)
 
 
-def tiny_llama_model(num_layers: int = NUM_LAYERS, hidden: int = 64) -> Any:
+def tiny_llama_model(num_layers: int = NUM_LAYERS, hidden: int = 64, arch: str = "llama") -> Any:
+    """A tiny Llama (or, ``arch="qwen2"``, Qwen2: biases on q/k/v) causal LM."""
     import transformers
 
-    config = transformers.LlamaConfig(
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }
+    config_class, model_class = classes[arch]
+    config = config_class(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=num_layers,
@@ -55,7 +61,7 @@ def tiny_llama_model(num_layers: int = NUM_LAYERS, hidden: int = 64) -> Any:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model: Any = transformers.LlamaForCausalLM(config)
+    model: Any = model_class(config)
     return model.eval()
 
 
@@ -72,11 +78,13 @@ def tiny_tokenizer() -> Any:
     return fast(tokenizer_object=backend, unk_token="t0")
 
 
-def make_family(root: Path, *, num_layers: int = NUM_LAYERS, hidden: int = 64, experts: int = 3) -> Family:
+def make_family(
+    root: Path, *, num_layers: int = NUM_LAYERS, hidden: int = 64, experts: int = 3, arch: str = "llama"
+) -> Family:
     """Base: ``0.02 * randn`` weights, norms ``1 + 0.02 * randn``. Expert i: ``base + 0.01 * (0.6 s +
     0.8 n_i)`` with a shared direction ``s`` and own noise ``n_i``: two task vectors agree in sign on ~62%
     of entries, so TIES' sign election matters."""
-    model = tiny_llama_model(num_layers, hidden)
+    model = tiny_llama_model(num_layers, hidden, arch)
     gen = torch.Generator().manual_seed(1234)
     base: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():

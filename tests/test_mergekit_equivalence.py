@@ -41,6 +41,11 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
     return make_family(tmp_path_factory.mktemp("mergekit_family"))
 
 
+@pytest.fixture(scope="module")
+def qwen2_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return make_family(tmp_path_factory.mktemp("mergekit_qwen2_family"), arch="qwen2")
+
+
 def _assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
     assert sorted(ours) == sorted(theirs)
     for name, tensor in ours.items():
@@ -284,6 +289,15 @@ def test_matches_mergekit(case: str, tmp_path: Path, family: Family) -> None:
     for name, tensor in ours.items():
         assert not torch.equal(tensor, base[name]), name
     _assert_same_tensors(ours, theirs)
+
+
+@pytest.mark.parametrize("case", sorted(EQUIVALENCE_RECIPES))
+def test_matches_mergekit_on_qwen2(case: str, tmp_path: Path, qwen2_family: Family) -> None:
+    """The same recipes on a Qwen2 family (biases on q/k/v: one-dimensional tensors inside the layers)."""
+    text = qwen2_family.fill(EQUIVALENCE_RECIPES[case])
+    ours = run_evomerge(text, tmp_path / "ours")
+    assert any(name.endswith("q_proj.bias") for name in ours)
+    _assert_same_tensors(ours, run_mergekit(text, tmp_path / "theirs"))
 
 
 def test_per_layer_gradient_and_filters_take_effect(tmp_path: Path, family: Family) -> None:
