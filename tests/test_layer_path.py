@@ -154,3 +154,41 @@ def test_layer_path_sweep_end_to_end(home: Zoo, tmp_path: Path, capsys: pytest.C
     layers = len(best.slices and [1 for s in best.slices for _ in range(s.length)]) or best.num_layers
     config = json.loads((runs / "path" / "best_model" / "config.json").read_text())
     assert config["num_hidden_layers"] == layers
+
+
+@pytest.fixture(scope="module")
+def micro_evaluator(zoo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> object:
+    """One evaluator (live model and merger) for the micro zoo, shared by the sampler tests."""
+    from evomerge.optimizer import LocalEvaluator, SweepConfig, resolve_sweep
+
+    runs = tmp_path_factory.mktemp("ev")
+    sweep = resolve_sweep(SweepConfig(study_name="ev", runs_dir=str(runs), zoo="micro"), zoo_cache=zoo_cache)
+    return LocalEvaluator(sweep)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2", "nevergrad", "cmaes"])
+def test_every_sampler_searches_layer_paths(
+    sampler: str, zoo_cache: Path, tmp_path: Path, micro_evaluator: object
+) -> None:
+    """The layer-path genes are plain floats in [0, 1]: every sampler proposes them."""
+    from optuna.trial import TrialState
+
+    from evomerge.optimizer import SamplerConfig, SweepConfig, resolve_sweep, run_search
+    from evomerge.search_spaces import SearchSpaceConfig
+
+    cfg = SweepConfig(
+        study_name=f"path-{sampler}",
+        runs_dir=str(tmp_path),
+        zoo="micro",
+        search_space=SearchSpaceConfig(layer_path=LayerPathConfig(repeats=1)),
+        sampler=SamplerConfig(name=sampler, seed=2, n_startup_trials=2 if sampler == "tpe" else None),
+        n_trials=5,
+        seed_recipes=("uniform",),
+    )
+    study = run_search(resolve_sweep(cfg, zoo_cache=zoo_cache), micro_evaluator)  # type: ignore[arg-type]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert len(complete) == 5
+    proposed = [t for t in complete if "fixed_params" not in t.system_attrs]  # not the seed
+    assert proposed and all(
+        set(t.params) == {f"path.s{i}.on" for i in range(len(t.params))} for t in proposed
+    )
