@@ -53,7 +53,7 @@ def _depth(recipe: MergeRecipe, num_layers: int) -> int:
 
 
 def _search(
-    sweep: ResolvedSweep, evaluator: LocalEvaluator, score: Scorer
+    sweep: ResolvedSweep, evaluator: LocalEvaluator, score: Scorer, stats: dict[str, Any] | None = None
 ) -> tuple[MergeRecipe, dict[str, float], float]:
     t0 = time.perf_counter()
     study = run_search(sweep, evaluator)
@@ -61,6 +61,14 @@ def _search(
     pick = honest_pick(sweep, evaluator, study)
     assert pick is not None
     chosen = trial_recipe(study.trials[pick.picked])
+    if stats is not None:  # what the search saw: distinct candidates, and the best that is not one model
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        scored = [t for t in complete if "duplicate_of" not in t.user_attrs]
+        mixed = [t for t in scored if trial_recipe(t).slices]
+        stats["distinct"] = len(scored)
+        stats["mixed"] = len(mixed)
+        stats["best_dev"] = max(float(t.user_attrs["mean"]) for t in scored)
+        stats["best_mixed_dev"] = max((float(t.user_attrs["mean"]) for t in mixed), default=None)
     return chosen, score(chosen, "test"), seconds
 
 
@@ -114,12 +122,13 @@ def main() -> None:
     for seed in seeds:
         for arm in arms:
             t0 = time.perf_counter()
+            stats: dict[str, Any] = {}
             if arm in ("param", "path", "path-scale"):
                 space = {"param": LAYERWISE, "path": PATH, "path-scale": PATH_SCALE}[arm]
                 sweep = resolve_sweep(
                     sweep_config(f"{arm}-{seed}", space, seed, args.budget), zoo_cache=args.cache_dir
                 )
-                chosen, test, _ = _search(sweep, evaluator, score)
+                chosen, test, _ = _search(sweep, evaluator, score, stats if arm != "param" else None)
             else:  # both: a parameter-space merge, then a layer path over it
                 half = args.budget // 2
                 sweep = resolve_sweep(
@@ -130,12 +139,17 @@ def main() -> None:
                 cfg = sweep_config(f"both-path-{seed}", PATH, seed, args.budget - half)
                 both = ResolvedSweep(cfg, first.base, (merged, *first.experts), first.tasks, first.data_dir)
                 both_evaluator = LocalEvaluator(both)
-                chosen, test, _ = _search(both, both_evaluator, Scorer(both_evaluator))
+                chosen, test, _ = _search(both, both_evaluator, Scorer(both_evaluator), stats)
                 del both_evaluator
             seconds = time.perf_counter() - t0
             depth = _depth(chosen, num_layers)
-            results[arm].append({"seed": seed, "test": test, "depth": depth, "seconds": round(seconds, 1)})
-            print(f"seed {seed} {arm}: test {test['mean']:.3f} depth {depth} ({seconds:.0f} s)", flush=True)
+            results[arm].append(
+                {"seed": seed, "test": test, "depth": depth, "seconds": round(seconds, 1), **stats}
+            )
+            print(
+                f"seed {seed} {arm}: test {test['mean']:.3f} depth {depth} ({seconds:.0f} s) {stats}",
+                flush=True,
+            )
 
     print(f"\ntiny zoo seed {args.zoo_seed}, budget {args.budget}, seeds {seeds}: test mean")
     for label, value in rows.items():

@@ -189,6 +189,59 @@ def test_a_worker_killed_mid_trial_is_replaced_and_the_sweep_goes_on(
         assert all(t.user_attrs["worker_pid"] == killed[0] for t in failed)
 
 
+def test_a_slow_replacement_does_not_stall_the_driver(
+    ray_local: Any, micro_zoo: Zoo, zoo_cache: Path, tmp_path: Path
+) -> None:
+    """One of three workers is killed and its replacement takes DELAY seconds to start: meanwhile the other
+    two workers' trials keep completing (the driver records them), and the lost trial completes on the
+    replacement afterwards."""
+    from evomerge.optimizer.executors import RayExecutor
+
+    delay = 10.0
+    sweep = sweep_of(
+        tmp_path,
+        zoo_cache,
+        "slow-replacement",
+        sampler=SamplerConfig(name="random", seed=5),
+        n_trials=24,
+        executor=ExecutorConfig(kind="ray", workers=2, retries=1, prefetch=0),
+    )
+    open_study(sweep.config, [t.name for t in sweep.tasks])
+    pool = RayExecutor(sweep, num_workers=2)
+    pool.replacement_delay_s = delay
+    killed: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_kill_first_running, args=("slow-replacement", sweep.config.storage_url(), killed, stop)
+    )
+    try:
+        watcher.start()
+        t0 = time.time()
+        study = run_search(sweep, pool)
+    finally:
+        stop.set()
+        watcher.join()
+        pool.close()
+    assert len(killed) == 1
+    complete = trials_in(study, TrialState.COMPLETE)
+    assert len(complete) == 24 and not trials_in(study, TrialState.FAIL)
+    (restarted,) = [t for t in complete if t.user_attrs.get("worker_restarts")]
+    assert restarted.datetime_complete is not None
+    kill_time = min(t.datetime_start for t in complete if t.number == restarted.number).timestamp()
+    # trials the surviving worker finished while the replacement was still starting
+    during = [
+        t
+        for t in complete
+        if t.number != restarted.number
+        and t.datetime_complete is not None
+        and kill_time < t.datetime_complete.timestamp() < kill_time + delay
+        and t.user_attrs["worker_pid"] != killed[0]
+    ]
+    assert len(during) >= 2, f"the driver stalled: {len(during)} trials completed during the {delay} s start"
+    assert restarted.datetime_complete.timestamp() - kill_time >= delay  # it waited for its replacement
+    assert time.time() - t0 > delay
+
+
 # ------------------------------------------------------------------------------------------ kill + resume
 def _sweep_yaml(path: Path, runs: Path, study: str, sampler: dict[str, Any], n_trials: int) -> Path:
     path.write_text(

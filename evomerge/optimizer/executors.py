@@ -231,13 +231,24 @@ class RayExecutor:
         self._actors: list[Any] = [self._start() for _ in range(num_workers)]
         self._pending: dict[Any, tuple[int, int, int]] = {}  # ObjectRef -> (worker, trial, generation)
         self._generation = [0] * num_workers
+        self.replacement_delay_s = 0.0
+        """Seconds a replacement worker waits before it loads the models (a chaos knob for tests)."""
         # wait until every actor has loaded its models, so start-up is not counted as idle time
         self._pids = [int(p) for p in ray.get([a.pid.remote() for a in self._actors])]
+        self._pid_refs: list[Any] = [None] * num_workers
 
-    def _start(self) -> Any:
-        return self._actor_cls.remote(self.sweep, self._threads)
+    def _start(self, delay_s: float = 0.0) -> Any:
+        return self._actor_cls.remote(self.sweep, self._threads, delay_s)
 
     def pid_of(self, worker: int) -> int:
+        """The worker's process id; 0 while a replacement is still starting (never waits for it)."""
+        ref = self._pid_refs[worker]
+        if ref is not None:
+            ready, _ = self._ray.wait([ref], timeout=0)
+            if ready:
+                with contextlib.suppress(self._ray.exceptions.RayError):
+                    self._pids[worker] = int(self._ray.get(ref))
+                self._pid_refs[worker] = None
         return self._pids[worker]
 
     def submit(self, worker: int, job: StepJob) -> None:
@@ -253,18 +264,25 @@ class RayExecutor:
             result: StepResult = ray.get(ref)
         except ray.exceptions.RayError as err:  # the actor died (killed, out of memory, a crash)
             return worker, WorkerDied(trial, one_line(err), generation)
+        if generation == self._generation[worker] and result.worker_pid:
+            self._pids[worker] = result.worker_pid
+            self._pid_refs[worker] = None
         return worker, result
 
     def replace(self, worker: int, generation: int) -> None:
-        """Start a new actor for ``worker`` unless the dead ``generation`` was already replaced."""
+        """Start a new actor for ``worker`` unless the dead ``generation`` was already replaced. Does not
+        wait for it: it loads the base and task vectors in the background while the driver goes on
+        recording the other workers' results; steps submitted to it meanwhile queue in Ray until it is
+        ready."""
         if generation != self._generation[worker]:
             return
         self._generation[worker] += 1
         old = self._actors[worker]
         with contextlib.suppress(Exception):  # already gone
             self._ray.kill(old, no_restart=True)
-        self._actors[worker] = self._start()
-        self._pids[worker] = int(self._ray.get(self._actors[worker].pid.remote()))
+        self._actors[worker] = self._start(self.replacement_delay_s)
+        self._pids[worker] = 0
+        self._pid_refs[worker] = self._actors[worker].pid.remote()
 
     def close(self) -> None:
         for actor in self._actors:
@@ -277,9 +295,11 @@ class RayExecutor:
 
 
 class _RayTrialWorker(TrialWorker):
-    def __init__(self, sweep: ResolvedSweep, threads: int) -> None:
+    def __init__(self, sweep: ResolvedSweep, threads: int, delay_s: float = 0.0) -> None:
         import torch
 
+        if delay_s > 0:
+            time.sleep(delay_s)
         if sweep.config.backend.threads is None:
             torch.set_num_threads(threads)
         super().__init__(sweep)

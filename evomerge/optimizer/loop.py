@@ -201,6 +201,7 @@ class _Active:
     eval_seconds: float = 0.0
     anchors: dict[str, tuple[tuple[str, ...], Anchors]] | None = None
     """With ``fidelity.anchors``: the anchors this trial is first scored on (None: full dev at once)."""
+    pid_recorded: bool = False
 
 
 class _Driver:
@@ -309,7 +310,10 @@ class _Driver:
     def _submit(self, worker: int, a: _Active) -> None:
         questions = self.rungs[a.rung] if a.rung < len(self.rungs) else None
         if a.rung == 0:
-            a.trial.set_user_attr("worker_pid", self.executor.pid_of(worker))
+            pid = self.executor.pid_of(worker)  # 0 while a replacement worker is still starting
+            a.pid_recorded = pid != 0
+            if pid:
+                a.trial.set_user_attr("worker_pid", pid)
         if self.anchor_k is not None:
             a.anchors = self._anchors() if a.rung == 0 else None
             if a.anchors is None:  # not enough answers to fit anchors yet: the full dev set at once
@@ -410,6 +414,9 @@ class _Driver:
             self._finish(a.trial, "FAIL", error=f"worker died: {result.message}")
             return
         self.spans.setdefault(result.worker_pid, []).append((result.started, result.finished))
+        if not a.pid_recorded and result.worker_pid:
+            a.trial.set_user_attr("worker_pid", result.worker_pid)
+            a.pid_recorded = True
         if result.error is not None:
             self._finish(a.trial, "FAIL", error=result.error)
             if result.user_error:  # a bad config (missing task data, unreadable model) stops the sweep

@@ -33,6 +33,9 @@ __all__ = ["LayerPathConfig", "LayerPathSpace"]
 
 INCLUDE = 0.5
 """An inclusion gene at or above this includes its slot."""
+SEED_ON = 0.7
+SEED_OFF = 0.3
+"""Inclusion genes of the seed paths (see :meth:`LayerPathSpace.path_genome`)."""
 
 
 class LayerPathConfig(BaseModel):
@@ -110,9 +113,11 @@ class LayerPathSpace:
     def dimension(self) -> int:
         return len(self.slots) * (2 if self.path_config.scale else 1)
 
-    def path_genome(self, model: int, *, on: float = 1.0, off: float = 0.0) -> dict[str, float]:
+    def path_genome(self, model: int, *, on: float = SEED_ON, off: float = SEED_OFF) -> dict[str, float]:
         """The genome of source ``model`` alone: its layers in order, once (scale genes at 1 or the
-        nearest bound)."""
+        nearest bound). Inclusion genes sit at :data:`SEED_ON` / :data:`SEED_OFF`, two CMA-ES start steps
+        (0.1 of the range) from the threshold: at 1 and 0, the search around a seed would never flip a
+        slot, at 0.5 every candidate would be a different path."""
         genome = {
             self.include_gene(t): on if (k == model and t < len(self.sources) * self.num_layers) else off
             for t, (k, _) in enumerate(self.slots)
