@@ -15,7 +15,8 @@ Modules
 - ``search_command``: ``search``;
 - ``run_commands``: ``export``, ``report`` and ``dashboard`` (commands on a finished run);
 - ``fuse_command``: ``fuse`` and a sweep's ``fusion:`` stage;
-- ``polish_command``: ``polish`` (gradient polish of a finished sweep's pick).
+- ``polish_command``: ``polish`` (gradient polish of a finished sweep's pick);
+- ``jobs_commands``: ``submit`` and ``sweeps list | status | logs | stop`` (sweeps as Ray jobs).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from evomerge import __version__
 from evomerge.cli.display import console, err_console
 from evomerge.cli.eval_command import eval_cmd
 from evomerge.cli.fuse_command import fuse
+from evomerge.cli.jobs_commands import submit, sweeps_app
 from evomerge.cli.merge_command import merge
 from evomerge.cli.polish_command import polish
 from evomerge.cli.run_commands import dashboard, export, report
-from evomerge.cli.search_command import search
+from evomerge.cli.search_command import SweepStopped, search
 from evomerge.cli.zoo_commands import checkpoints_import_gguf, zoo_build
 from evomerge.errors import EvomergeError
 
@@ -113,6 +115,8 @@ app.command()(report)
 app.command()(fuse)
 app.command()(dashboard)
 app.command()(polish)
+app.command()(submit)
+app.add_typer(sweeps_app, name="sweeps")
 
 
 def _keep_freed_memory() -> None:
@@ -155,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(_usage_message(err), 2)
     except _cli_errors.ClickException as err:
         _fail(err.format_message(), 2 if err.exit_code in (1, 2) else err.exit_code)
+    except SweepStopped:
+        err_console.print(
+            "stopped: the unfinished trials were failed and queued again; run the sweep again to resume"
+        )
+        sys.exit(143)
     except _ABORT:
         err_console.print("interrupted")
         sys.exit(130)

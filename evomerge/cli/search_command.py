@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,7 +86,8 @@ def search(
             update(f"{label} · best {best['mean']:.3f}", done, total)
 
         try:
-            study = run_search(sweep, pool, on_trial=on_trial, allow_test_fitness=allow_test_fitness)
+            with stop_on_sigterm():
+                study = run_search(sweep, pool, on_trial=on_trial, allow_test_fitness=allow_test_fitness)
         finally:
             if not isinstance(pool, LocalExecutor):
                 pool.close()
@@ -102,3 +107,25 @@ def search(
     print_final_report(final, tasks)
     if cfg.fusion is not None:
         _fusion_stage(cfg, sweep, Path(final.paths.get("best_model", "")), config)
+
+
+class SweepStopped(KeyboardInterrupt):
+    """SIGTERM (``evomerge sweeps stop``, ``ray job stop``, a scheduler's stop): the sweep stops like on
+    Ctrl-C; its unfinished trials are failed and queued again (see ``run_search``)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`SweepStopped` in this (the main) thread while the sweep runs."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SweepStopped()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -42,6 +42,7 @@ from evomerge.optimizer.study import (
     DEV_KEY_ATTR,
     RECOVERY_INTERVAL_S,
     Heartbeat,
+    candidate_params,
     count_trials,
     open_study,
     owner_id,
@@ -182,6 +183,9 @@ def run_search(
     driver = _Driver(sweep, space, study, executor, on_trial, max_consecutive_failures)
     try:
         driver.run()
+    except BaseException:  # stopped (Ctrl-C, SIGTERM from `evomerge sweeps stop`) or failed
+        driver.release("the sweep was stopped before this trial finished")
+        raise
     finally:
         driver.stop_heartbeat()
         close = getattr(study.sampler, "close", None)
@@ -370,6 +374,26 @@ class _Driver:
 
     def _active(self) -> list[_Active]:
         return [a for queue in self.slots.values() for a in queue]
+
+    def release(self, reason: str) -> list[int]:
+        """Fail this process's unfinished trials with ``reason`` and enqueue their candidates again, so
+        the study stays exact and the next ``evomerge search`` on it runs them first; returns their
+        numbers. Never raises (it runs while the sweep is being stopped)."""
+        released: list[int] = []
+        for a in self._active():
+            try:
+                with quiet_heartbeat():
+                    a.trial.set_user_attr("error", reason)
+                    self.study.tell(a.trial, state=TrialState.FAIL)
+                    params = candidate_params(self.study._storage.get_trial(a.trial._trial_id))
+                    if params:
+                        self.study.enqueue_trial(params, user_attrs={"requeued_from": a.trial.number})
+                released.append(a.trial.number)
+            except Exception:
+                continue
+        for queue in self.slots.values():
+            queue.clear()
+        return released
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
