@@ -117,9 +117,10 @@ class SweepStopped(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_on_sigterm() -> Iterator[None]:
     """Turn SIGTERM into :class:`SweepStopped` in this (the main) thread while the sweep runs."""
+    from evomerge.optimizer.loop import stop_soon
 
     def stop(signum: int, frame: object) -> None:
-        raise SweepStopped()
+        stop_soon(SweepStopped())  # never in the middle of a study write
 
     if threading.current_thread() is not threading.main_thread():
         yield

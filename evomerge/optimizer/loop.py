@@ -19,9 +19,11 @@ otherwise it is PRUNED.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,7 +407,8 @@ class _Driver:
             for depth in range(1, self.depth + 1):
                 for worker in range(self.executor.num_workers):
                     if len(self.slots[worker]) < depth and self._budget_left():
-                        self._ask(worker)
+                        with _study_write():  # a trial is asked and taken into a slot, or not at all
+                            self._ask(worker)
             if not self._active():
                 if count_trials(self.study, TrialState.COMPLETE) >= self.config.n_trials:
                     return
@@ -415,7 +418,8 @@ class _Driver:
                 recover_stale_trials(self.study)
                 continue
             worker, result = self.executor.wait()
-            self._handle(worker, result)
+            with _study_write():  # a result is recorded whole
+                self._handle(worker, result)
 
     def _take(self, worker: int, trial: int) -> _Active:
         queue = self.slots[worker]
@@ -572,3 +576,30 @@ def _append_stats(path: Path, stats: dict[str, Any]) -> None:
             sessions = []
     sessions.append(stats)
     write_text_atomic(path, json.dumps(sessions, indent=2))
+
+
+_CRITICAL = [0]
+"""How deep the main thread is in a study write (see :func:`_study_write`)."""
+_DEFERRED: list[BaseException] = []
+
+
+@contextlib.contextmanager
+def _study_write() -> Iterator[None]:
+    """A stop requested meanwhile (:func:`stop_soon`) waits until this write is whole: a trial is asked
+    and taken into a slot, or a result recorded, or neither."""
+    _CRITICAL[0] += 1
+    try:
+        yield
+    finally:
+        _CRITICAL[0] -= 1
+    if _CRITICAL[0] == 0 and _DEFERRED:
+        raise _DEFERRED.pop()
+
+
+def stop_soon(stop: BaseException) -> None:
+    """For a signal handler in the main thread: raise ``stop`` now, or, inside a study write, as soon as
+    that write is whole (the loop then fails and requeues its unfinished trials)."""
+    if threading.current_thread() is threading.main_thread() and _CRITICAL[0]:
+        _DEFERRED[:] = [stop]
+        return
+    raise stop
