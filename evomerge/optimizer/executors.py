@@ -304,6 +304,12 @@ class _RayTrialWorker(TrialWorker):
             torch.set_num_threads(threads)
         super().__init__(sweep)
 
+    def node(self) -> str:
+        """The id of the Ray node this worker runs on."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
 
 def make_executor(sweep: ResolvedSweep, *, address: str | None = None) -> LocalExecutor | RayExecutor:
     cfg = sweep.config.executor
