@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from evomerge.cli.display import console
+from evomerge.errors import ConfigError
 
 ADDRESS_HELP = "The Ray job server (default: $RAY_ADDRESS), e.g. http://127.0.0.1:8265."
 
@@ -30,12 +31,36 @@ def submit(
     n_trials: Annotated[
         int | None, typer.Option(min=1, help="Override the number of complete trials.")
     ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE for the driver's environment (e.g. PGHOST=db); repeatable."),
+    ] = None,
+    report: Annotated[
+        bool, typer.Option(help="Score the test split after the search, in the driver.")
+    ] = True,
+    entrypoint_num_gpus: Annotated[
+        float, typer.Option(min=0.0, help="GPUs reserved for the driver (its report scores models).")
+    ] = 0.0,
 ) -> None:
     """Submit `evomerge search CONFIG` to a Ray cluster as a job (the sweep YAML and its task files travel
     with it; model paths must be on the cluster's storage). Submitting a sweep again resumes its study."""
     from evomerge.optimizer.jobs import submit_sweep
 
-    job_id, cfg = submit_sweep(config, address=address, workers=workers, n_trials=n_trials)
+    variables: dict[str, str] = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env: {item!r} is not KEY=VALUE")
+        variables[key] = value
+    job_id, cfg = submit_sweep(
+        config,
+        address=address,
+        workers=workers,
+        n_trials=n_trials,
+        env=variables,
+        report=report,
+        entrypoint_num_gpus=entrypoint_num_gpus,
+    )
     console.print(f"submitted job {job_id} · study {cfg.study_name} · storage {escape(cfg.storage_url())}")
 
 

@@ -133,10 +133,15 @@ def submit_sweep(
     address: str | None = None,
     workers: int | None = None,
     n_trials: int | None = None,
+    env: dict[str, str] | None = None,
+    report: bool = True,
+    entrypoint_num_gpus: float = 0.0,
 ) -> tuple[str, SweepConfig]:
     """Submit ``evomerge search`` on the sweep YAML at ``path`` as a Ray job; returns (job id, the sweep
-    as the job runs it). Validation errors and local paths the cluster cannot see are ConfigErrors,
-    raised before anything is submitted."""
+    as the job runs it). ``env``: variables for the driver (e.g. ``PGHOST``, ``PGPASSWORD``); ``report``:
+    score the test split after the search (in the driver: give it ``entrypoint_num_gpus`` on a GPU
+    cluster, or turn the report off and run ``evomerge report`` later). Validation errors and local paths
+    the cluster cannot see are ConfigErrors, raised before anything is submitted."""
     path = Path(path)
     cfg = load_sweep_config(path)
     local = _is_local(address)
@@ -148,6 +153,8 @@ def submit_sweep(
         command = [python, "-m", "evomerge.cli", "search", "sweep.yaml"]
         if job_cfg.executor.kind == "ray":
             command += ["--ray-address", "auto"]
+        if not report:
+            command.append("--no-report")
         metadata = {
             META_KIND: "sweep",
             "study": job_cfg.study_name,
@@ -155,13 +162,14 @@ def submit_sweep(
             "n_trials": str(job_cfg.n_trials),
             "runs_dir": str(job_cfg.run_dir()),
         }
-        env = {"PYTHONUNBUFFERED": "1"}
+        variables = {"PYTHONUNBUFFERED": "1", **(env or {})}
         if "EVOMERGE_HOME" in os.environ and local:
-            env["EVOMERGE_HOME"] = os.environ["EVOMERGE_HOME"]
+            variables.setdefault("EVOMERGE_HOME", os.environ["EVOMERGE_HOME"])
         job_id = client.submit_job(
             entrypoint=" ".join(_quote(c) for c in command),
-            runtime_env={"working_dir": str(stage), "env_vars": env},
+            runtime_env={"working_dir": str(stage), "env_vars": variables},
             metadata=metadata,
+            entrypoint_num_gpus=entrypoint_num_gpus or None,
         )
     finally:
         shutil.rmtree(stage, ignore_errors=True)
