@@ -60,7 +60,7 @@ def _one_line(exc: pytest.ExceptionInfo[RecipeError]) -> str:
     ("extra", "start"),
     [
         ("modules: {decoder: {models: [{model: x}]}}\n", "modules"),
-        ("tokenizer: {source: base, tokens: {'<x>': {source: base}}}\n", "tokenizer.tokens"),
+        ("tokenizer: {source: base, tokens: {'<x>': {source: {kind: one}}}}\n", "tokens"),
         ("tokenizer: {source: base, pad_to_multiple_of: 64}\n", "tokenizer.pad_to_multiple_of"),
         ("tokenizer: {source: base, colour: red}\n", "tokenizer.colour"),
         ("tokenizer: {source: base}\ntokenizer_source: base\n", "tokenizer"),

@@ -266,3 +266,27 @@ def test_bad_slices_are_refused_by_name(edit: object, start: str, family: Family
     with pytest.raises(RecipeError) as exc:
         MergeRecipe.from_yaml(family.fill(edit(SPLICE_SLERP)))
     assert _one_line(exc).startswith(start)
+
+
+def test_a_searched_layer_path_exports_as_slices_mergekit_reproduces(tmp_path: Path, family: Family) -> None:
+    """A layer-path genome (with residual-scale genes) -> recipe -> mergekit YAML: mergekit 0.1.5 builds
+    the same tensors from it."""
+    from evomerge.search_spaces import LayerPathConfig, LayerPathSpace
+
+    space = LayerPathSpace(
+        LayerPathConfig(repeats=2, scale=True, max_layers=8),
+        str(family.base),
+        [str(e) for e in family.experts[:2]],
+        3,
+    )
+    genome = {space.include_gene(t): 0.2 for t in range(len(space.slots))}
+    genome.update({space.scale_gene(t): 1.0 for t in range(len(space.slots))})
+    for t in (0, 1, 5, 7, 8, 10, 11):  # base 0-1, e0 layer 2, e1 layers 1-2, then (repeat 2) base 1-2
+        genome[space.include_gene(t)] = 0.9
+    genome[space.scale_gene(8)] = 0.6
+    recipe = space.to_recipe(genome)
+    assert len(recipe.slices) >= 4
+    exported = recipe.to_mergekit_yaml()
+    ours = read_all(merge_streaming(recipe, tmp_path / "ours"))
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_hidden_layers"] == 7
+    _assert_close_all(ours, run_mergekit(exported, tmp_path / "mk"))

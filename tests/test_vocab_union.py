@@ -71,6 +71,22 @@ models:
 tokenizer_source: union
 dtype: float32
 """,
+    "tokens": """merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: 0.6}}
+  - model: {e1x}
+    parameters: {{weight: 0.5}}
+tokenizer:
+  source: union
+  tokens:
+    x1: {{source: {e1x}}}
+    x2: {{source: {{kind: model_token, model: {e1x}, token: x3}}}}
+    t5: {{source: {{kind: zero}}, force: true}}
+    t7: {{source: {e0}, force: true}}
+dtype: float32
+""",
 }
 
 
@@ -100,7 +116,7 @@ def test_union_matches_mergekit(case: str, tmp_path: Path, family: tuple[Family,
             other = other[[their_vocab[t] for t in tokens]]
         assert tensor.shape == other.shape, name
         torch.testing.assert_close(tensor, other, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
-    expected = 96 + 5  # x1..x4 and y1 (x3 once)
+    expected = 96 + (4 if case == "tokens" else 5)  # x1..x4 (and y1 with e2x; x3 once)
     assert len(our_vocab) == expected == json.loads((out / "config.json").read_text())["vocab_size"]
     assert ours["model.embed_tokens.weight"].shape[0] == expected
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -125,6 +141,34 @@ def test_rows_follow_tokens(tmp_path: Path, family: tuple[Family, Path, Path]) -
     assert torch.equal(ours[vocab["y1"]], e2[e2_vocab["y1"]])
     base = read_all(fam.base)["model.embed_tokens.weight"]
     assert not torch.equal(ours[vocab["t5"]], base[5])
+
+
+def test_token_overrides_with_the_base_tokenizer(tmp_path: Path, family: tuple[Family, Path, Path]) -> None:
+    """``tokenizer: {source: base, tokens}``: the base's vocabulary plus the configured tokens (mergekit
+    0.1.5 fails on this one: it adds the tokens to the base's own tokenizer object, then finds their ids
+    past the base's rows)."""
+    import transformers
+
+    fam, e1x, _ = family
+    text = (
+        _text("tokens", family)
+        .replace("source: union", "source: base")
+        .replace("    t7:", "    z9: {source: {kind: zero}}\n    t7:")
+    )
+    out = merge_streaming(MergeRecipe.from_yaml(text), tmp_path / "out")
+    vocab = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    assert len(vocab) == 96 + 3  # the base's tokens, x1, x2 and z9
+    ours = read_all(out)["model.embed_tokens.weight"]
+    e1 = read_all(e1x)["model.embed_tokens.weight"]
+    e1_vocab = transformers.AutoTokenizer.from_pretrained(e1x).get_vocab()
+    e0 = read_all(fam.experts[0])["model.embed_tokens.weight"]
+    assert torch.equal(ours[vocab["x1"]], e1[e1_vocab["x1"]])  # only e1x has it: its row for all
+    # model_token: the models without x2 take e1x's row of x3; e1x keeps its own (no force), weight 0.5
+    x3, x2 = e1[e1_vocab["x3"]], e1[e1_vocab["x2"]]
+    torch.testing.assert_close(ours[vocab["x2"]], x3 + 0.5 * (x2 - x3))
+    assert torch.equal(ours[vocab["z9"]], torch.zeros(ours.shape[1]))  # zero, in no model
+    assert torch.equal(ours[vocab["t5"]], torch.zeros(ours.shape[1]))  # forced zero
+    assert torch.equal(ours[vocab["t7"]], e0[7])  # forced to e0's row for every model
 
 
 def test_in_memory_refuses_union(family: tuple[Family, Path, Path]) -> None:

@@ -214,8 +214,13 @@ def merge_streaming(
         )
         vocab = None
         tokenizer_tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="evomerge-union-"))
-        if recipe.tokenizer_source == "union":
-            alignment = union_vocab(recipe.base_model, [e.model for e in recipe.expert_models()])
+        if recipe.tokenizer_source == "union" or recipe.tokens:
+            alignment = union_vocab(
+                recipe.base_model,
+                [e.model for e in recipe.expert_models()],
+                recipe.tokenizer_source,
+                recipe.tokens,
+            )
             models = ([base] if base is not None else []) + experts
             paths = dict(zip(models, _recipe_paths(recipe), strict=True))
             vocab = (alignment, paths)
@@ -441,10 +446,10 @@ class InMemoryMerger:
         device; integer buffers are copies of the reference model's.
         """
         recipe = recipe.for_layers(self._num_layers)
-        if recipe.tokenizer_source == "union":
+        if recipe.tokenizer_source == "union" or recipe.tokens:
             raise RecipeError(
-                "tokenizer_source: union builds a new vocabulary; in-memory candidates share the loaded "
-                "models' (merge it with `evomerge merge`)"
+                "tokenizer_source: union and tokens build a new vocabulary; in-memory candidates share the "
+                "loaded models' (merge it with `evomerge merge`)"
             )
         if recipe.slices:
             return self._generate_sliced(recipe)

@@ -4,11 +4,11 @@ mergekit recipes are read as they are: ``slices`` with one slice whose sources a
 ``layer_range: [0, n]`` become ``models`` (with ``num_layers: n`` checked against the models); slice-level
 ``base_model`` and ``parameters`` apply as in mergekit; other ``slices`` (stacking, splicing, partial
 ranges) stay slices (:mod:`evomerge.merging.slices`). ``tokenizer_source: null`` means ``base``.
-``tokenizer: {source: ...}`` is read as ``tokenizer_source``; ``chat_template`` is kept (written into the
-output's tokenizer files); ``tokenizer_source: union`` merges over the union of the vocabularies
-(:mod:`evomerge.merging.vocab`). ``modules``, ``tokenizer.tokens`` / ``pad_to_multiple_of`` and a slice's
-``residual_weight`` are refused by name with a one-line RecipeError; any other unknown key is refused by
-the recipe's validation, naming it.
+``tokenizer: {source, tokens}`` is read as ``tokenizer_source`` and ``tokens``; ``chat_template`` is
+kept (written into the output's tokenizer files); ``tokenizer_source: union`` merges over the union of
+the vocabularies (:mod:`evomerge.merging.vocab`). ``modules``, ``tokenizer.pad_to_multiple_of`` and a
+slice's ``residual_weight`` are refused by name with a one-line RecipeError; any other unknown key is
+refused by the recipe's validation, naming it.
 :data:`MERGEKIT_METHODS` names the methods a recipe can be written back to mergekit with
 (:meth:`MergeRecipe.to_mergekit`).
 """
@@ -65,6 +65,8 @@ def from_mergekit(data: Mapping[str, Any]) -> dict[str, Any]:
     tokenizer = out.pop("tokenizer", None)
     if tokenizer is not None:
         out["tokenizer_source"] = _tokenizer_source(tokenizer, out.get("tokenizer_source"))
+        if isinstance(tokenizer, Mapping) and tokenizer.get("tokens"):
+            out["tokens"] = tokenizer["tokens"]
     if "tokenizer_source" in out and out["tokenizer_source"] is None:
         out["tokenizer_source"] = "base"
     for key in ("dtype", "out_dtype"):
@@ -147,8 +149,8 @@ def _single_slice(out: dict[str, Any], piece: Mapping[str, Any]) -> dict[str, An
 
 
 def _tokenizer_source(tokenizer: object, tokenizer_source: object) -> object:
-    """mergekit's ``tokenizer: {source, tokens, pad_to_multiple_of}`` as a ``tokenizer_source``; RecipeError
-    (naming the key) for what evomerge does not build."""
+    """The ``tokenizer_source`` of mergekit's ``tokenizer: {source, tokens, pad_to_multiple_of}`` (its
+    ``tokens`` are read by the caller); RecipeError (naming the key) for what evomerge does not build."""
     if tokenizer_source is not None:
         raise RecipeError("tokenizer: give tokenizer or tokenizer_source, not both (as in mergekit)")
     if not isinstance(tokenizer, Mapping):
@@ -158,10 +160,6 @@ def _tokenizer_source(tokenizer: object, tokenizer_source: object) -> object:
         raise RecipeError(
             f"tokenizer.{unknown[0]}: unknown key (mergekit has source, tokens, pad_to_multiple_of)"
         )
-    for key in ("tokens", "pad_to_multiple_of"):
-        if tokenizer.get(key):
-            raise RecipeError(f"tokenizer.{key}: building a tokenizer is not supported; remove {key}")
-    source = tokenizer.get("source")
-    if source is None:
-        raise RecipeError("tokenizer.source: required (base or a model directory)")
-    return source
+    if tokenizer.get("pad_to_multiple_of"):
+        raise RecipeError("tokenizer.pad_to_multiple_of: padding the vocabulary is not supported; remove it")
+    return tokenizer.get("source", "union")  # mergekit's default source for a tokenizer section

@@ -60,6 +60,7 @@ from evomerge.merging.mergekit_shape import MERGEKIT_METHODS, from_mergekit
 from evomerge.merging.params import FilterRule, ModelEntry, Params, ParamValue, check_domain, dump_params
 from evomerge.merging.registry import MergeMethod, get_method
 from evomerge.merging.slices import OutputSlice, SliceSource
+from evomerge.merging.vocab import TokenSource
 
 __all__ = [
     "DTYPES",
@@ -95,6 +96,9 @@ class MergeRecipe(BaseModel):
     """The dtype the merge computes in when it differs from ``dtype`` (evomerge; default: ``dtype``, else
     float32)."""
     tokenizer_source: str = "base"
+    tokens: dict[str, TokenSource] = {}
+    """Where chosen tokens' embedding rows come from (mergekit's ``tokenizer.tokens``; see
+    :mod:`evomerge.merging.vocab`)."""
     chat_template: str | None = None
     """The output's chat template: ``auto``, a name or a Jinja template (see
     :mod:`evomerge.merging.chat_templates`); None keeps the tokenizer source's."""
@@ -207,6 +211,7 @@ class MergeRecipe(BaseModel):
             out_dtype=self.out_dtype,
             compute_dtype=self.compute_dtype,
             tokenizer_source=self.tokenizer_source,
+            tokens=self.tokens,
             chat_template=self.chat_template,
             seed=self.seed,
         )
@@ -333,6 +338,8 @@ class MergeRecipe(BaseModel):
         if self.compute_dtype is not None:
             out["compute_dtype"] = self.compute_dtype
         out["tokenizer_source"] = self.tokenizer_source
+        if self.tokens:
+            out["tokens"] = {t: spec.model_dump(exclude_defaults=True) for t, spec in self.tokens.items()}
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
         out["seed"] = self.seed
@@ -355,7 +362,10 @@ class MergeRecipe(BaseModel):
         data = self.to_dict()
         for key in ("seed", "num_layers", "dtype", "out_dtype", "compute_dtype"):
             data.pop(key, None)
-        if data.get("tokenizer_source") == "base":
+        tokens = data.pop("tokens", None)
+        if tokens:  # mergekit's spelling: tokenizer: {source, tokens}
+            data["tokenizer"] = {"source": data.pop("tokenizer_source"), "tokens": tokens}
+        elif data.get("tokenizer_source") == "base":
             # mergekit copies the base tokenizer by default; an explicit tokenizer_source would switch it
             # to its tokenizer-merging path, which needs every model's tokenizer
             data.pop("tokenizer_source")

@@ -64,8 +64,8 @@ def merge_sliced_streaming(
 ) -> Path:
     """Merge a sliced recipe into ``out_dir`` (see :func:`~evomerge.merging.executor.merge_streaming` for
     the guarantees: everything is checked before anything is written, and a failure leaves nothing)."""
-    if recipe.tokenizer_source == "union":
-        raise RecipeError("tokenizer_source: union is not supported with slices; use base or a model")
+    if recipe.tokenizer_source == "union" or recipe.tokens:
+        raise RecipeError("tokenizer_source: union and tokens are not supported with slices")
     device = torch.device(device)
     writer = ModelWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
     with ExitStack() as stack:

@@ -1,4 +1,4 @@
-"""``tokenizer_source: union``: merge models with different vocabularies over the union of their tokens.
+"""``tokenizer_source: union`` and ``tokens``: merge models with different vocabularies by token.
 
 As mergekit 0.1.5 does: the output tokenizer is the base's (the first model's without a base) with every
 token another model has and the base lacks added, in the order the models list them (each model's special
@@ -8,6 +8,11 @@ the base's row when the base has it, else the mean of the rows of the models tha
 model has gets zeros). The merge then runs on these aligned rows as on any tensor, and the output's
 ``vocab_size`` is the union's size. Rows past a model's ``vocab_size`` (tokenizer entries without
 weights) are ignored. The tokenizers are read with transformers (``trust_remote_code`` off).
+
+``tokens`` (mergekit's ``tokenizer.tokens``) sets where chosen tokens' rows come from, with any tokenizer
+source: ``source: MODEL`` (that model's row of the token), ``{kind: model_token, model, token | token_id}``
+(that model's row of another token), ``{kind: zero}``; a token the output tokenizer lacks is added. A
+model that has the token keeps its own row unless ``force: true``; the others take the given row.
 """
 
 from __future__ import annotations
@@ -19,10 +24,50 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from evomerge.errors import CheckpointError
+from evomerge.errors import CheckpointError, RecipeError
 
-__all__ = ["VocabAlignment", "union_vocab", "vocab_tensors"]
+__all__ = ["ModelToken", "TokenSource", "VocabAlignment", "ZeroRow", "union_vocab", "vocab_tensors"]
+
+
+class ZeroRow(BaseModel):
+    """``{kind: zero}``: a row of zeros."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: str = "zero"
+
+    @model_validator(mode="after")
+    def _kind(self) -> ZeroRow:
+        if self.kind != "zero":
+            raise ValueError("kind: 'zero'")
+        return self
+
+
+class ModelToken(BaseModel):
+    """``{kind: model_token, model, token | token_id}``: a model's row of some token."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: str = "model_token"
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelToken:
+        if self.kind != "model_token":
+            raise ValueError("kind: 'model_token'")
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of token and token_id")
+        return self
+
+
+class TokenSource(BaseModel):
+    """Where one token's rows come from (``tokens: {TOKEN: {source: ..., force: ...}}``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    source: ZeroRow | ModelToken | str
+    force: bool = False
 
 
 def _load_tokenizer(path: str) -> Any:
@@ -52,6 +97,9 @@ class VocabAlignment:
     rows: dict[str, list[int]]
     """Model path -> for output token id ``i``, that model's row (or -1)."""
     base: str | None
+    tokens: dict[str, TokenSource] = field(default_factory=dict)
+    original: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Each model's own vocabulary (token -> row)."""
     tensors: set[str] = field(default_factory=set)
     """The tensor names whose rows are tokens (embeddings, lm_head), filled in by the executor."""
 
@@ -67,7 +115,11 @@ class VocabAlignment:
         first = tensors[models[0]]
         default = torch.zeros((self.size, *first.shape[1:]), dtype=first.dtype, device=first.device)
         missing_somewhere = (count < len(models)).nonzero().flatten().tolist()
+        vocab = self.tokenizer.get_vocab()
+        configured = {vocab[t]: spec for t, spec in self.tokens.items()}
         for token in missing_somewhere:
+            if token in configured:
+                continue
             have = [m for m, ok in zip(models, present[:, token].tolist(), strict=True) if ok]
             if not have:
                 continue  # in no model: zeros
@@ -79,18 +131,56 @@ class VocabAlignment:
                 default[token] = torch.stack([tensors[m][self.rows[m][token]].float() for m in have]).mean(0)
                 continue
             default[token] = tensors[donor][self.rows[donor][token]]
+        forced: list[int] = []
+        for token, spec in configured.items():
+            default[token] = self._configured_row(spec, token, tensors, default)
+            if spec.force:
+                forced.append(token)
         out: dict[str, torch.Tensor] = {}
         for m in models:
             index = torch.tensor(self.rows[m])
             aligned = default.clone()
             ok = index >= 0
+            ok[forced] = False
             aligned[ok] = tensors[m][index[ok]].to(aligned.dtype)
             out[m] = aligned
         return out
 
+    def _configured_row(
+        self, spec: TokenSource, token: int, tensors: Mapping[str, torch.Tensor], like: torch.Tensor
+    ) -> torch.Tensor:
+        if isinstance(spec.source, ZeroRow):
+            return torch.zeros_like(like[0])
+        model = spec.source.model if isinstance(spec.source, ModelToken) else spec.source
+        key = next((m for m in tensors if _same(m, model)), None)
+        if key is None:
+            raise RecipeError(f"tokens: {model!r} is not one of the merged models")
+        if isinstance(spec.source, ModelToken):
+            row = spec.source.token_id
+            if row is None:
+                row = self.original[key].get(str(spec.source.token), -1)
+            if not 0 <= row < tensors[key].shape[0]:
+                raise RecipeError(f"tokens: {model!r} has no row for {spec.source.token or row!r}")
+        else:
+            row = self.rows[key][token]
+            if row < 0:
+                raise RecipeError(f"tokens: {model!r} lacks the token it should give a row for")
+        return tensors[key][row].to(like.dtype)
 
-def union_vocab(base: str | None, models: Sequence[str]) -> VocabAlignment:
-    """The union of the tokenizers of ``base`` (the first of ``models`` when None) and ``models``."""
+
+def _same(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def union_vocab(
+    base: str | None,
+    models: Sequence[str],
+    source: str = "union",
+    tokens: Mapping[str, TokenSource] | None = None,
+) -> VocabAlignment:
+    """The output vocabulary and every model's rows in it: the union of the tokenizers of ``base`` (the
+    first of ``models`` when None) and ``models`` (``source: union``), or the base's (``base``) or a
+    model's tokenizer (a path), each with ``tokens`` added."""
     first = base if base is not None else models[0]
     order = [first, *[m for m in models if m != first]]
     tokenizers = {m: _load_tokenizer(m) for m in order}
@@ -107,13 +197,21 @@ def union_vocab(base: str | None, models: Sequence[str]) -> VocabAlignment:
         for index, info in added.items():
             if index < sizes[m]:
                 special.setdefault(info.content, info)
-    out = _load_tokenizer(first)  # a fresh copy: adding tokens does not touch the base's
-    base_vocab = tokenizers[first].get_vocab()
-    for token in plain:
-        if token not in special and token not in base_vocab:
+    if source == "union":
+        out = _load_tokenizer(first)  # a fresh copy: adding tokens does not touch the base's
+        base_vocab = tokenizers[first].get_vocab()
+        for token in plain:
+            if token not in special and token not in base_vocab:
+                out.add_tokens(token)
+        for info in special.values():
+            out.add_tokens(info)
+    else:
+        out = _load_tokenizer(first if source == "base" else source)
+    have = set(out.get_vocab())
+    for token in tokens or {}:
+        if token not in have:
             out.add_tokens(token)
-    for info in special.values():
-        out.add_tokens(info)
+            have.add(token)
     vocab = out.get_vocab()
     rows: dict[str, list[int]] = {}
     for m in order:
@@ -123,7 +221,8 @@ def union_vocab(base: str | None, models: Sequence[str]) -> VocabAlignment:
             row = theirs.get(token, -1)
             layout[index] = row if 0 <= row < sizes[m] else -1
         rows[m] = layout
-    return VocabAlignment(out, rows, base)
+    original = {m: tokenizers[m].get_vocab() for m in order}
+    return VocabAlignment(out, rows, base, dict(tokens or {}), original)
 
 
 def vocab_tensors(reference: Any, infos: Mapping[str, Any]) -> list[str]:
