@@ -1,10 +1,13 @@
-"""Sweeps as Ray jobs against a real Ray head with its job server on 127.0.0.1 (started here, stopped by
-PID): submit, list, logs, status, stop mid-way, resubmit to exactly the budget; bad input in one line."""
+"""Sweeps as Ray jobs against a real Ray head with its job server on 127.0.0.1 (started here with Ray's
+token authentication, stopped by PID): submit, list, logs, status, stop mid-way, resubmit to exactly the
+budget; bad input in one line. Every command runs as the user runs it: an ``evomerge`` process with the
+token in its environment (Ray reads its authentication mode once per process)."""
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -19,7 +22,6 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from evomerge.cli import main
 from evomerge.zoo import Zoo
 
 pytest.importorskip("ray.job_submission")
@@ -35,15 +37,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head(evomerge_home: Path, micro_zoo: Zoo) -> Iterator[str]:
-    """A Ray head with its job server, 2 CPUs; its address. Ray's token authentication is off here: Ray
-    reads its mode once per process, when it is imported, which this test process did at collection
-    (docker/compose.yaml's head runs with tokens; tests/test_deploy_files.py covers that)."""
+def ray_head(evomerge_home: Path, micro_zoo: Zoo) -> Iterator[tuple[str, dict[str, str]]]:
+    """A Ray head with its job server and token authentication (a fresh token), 2 CPUs; its address and
+    the environment a user's shell would have (the token, EVOMERGE_HOME for the micro zoo)."""
     port, dash = _free_port(), _free_port()
     temp = Path(f"/tmp/evj{os.getpid()}")  # Ray's socket paths must stay short
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "EVOMERGE_HOME")}
-    os.environ.update(RAY_AUTH_MODE="disabled", EVOMERGE_HOME=str(evomerge_home))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "EVOMERGE_HOME": str(evomerge_home),
+    }
     head = subprocess.Popen(
         [
             str(BIN / "ray"),
@@ -62,19 +68,13 @@ def ray_head(evomerge_home: Path, micro_zoo: Zoo) -> Iterator[str]:
     )
     address = f"http://127.0.0.1:{dash}"
     try:
-        from ray.job_submission import JobSubmissionClient
-
         deadline = time.monotonic() + 120
-        while True:
+        while cli(["sweeps", "list", "--address", address], env)[0] != 0:
             if head.poll() is not None:
                 raise AssertionError(f"ray start exited: {head.stderr.read().decode()[-800:]}")  # type: ignore[union-attr]
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "the job server never answered"
-                time.sleep(1.0)
-        yield address
+            assert time.monotonic() < deadline, "the job server never answered"
+            time.sleep(1.0)
+        yield address, env
     finally:
         head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
         try:
@@ -83,21 +83,19 @@ def ray_head(evomerge_home: Path, micro_zoo: Zoo) -> Iterator[str]:
             head.kill()
             head.wait()
         shutil.rmtree(temp, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+def cli(args: list[Any], env: dict[str, str]) -> tuple[int, str, str]:
+    """``evomerge ARGS`` as a process; (exit code, stdout, stderr)."""
+    done = subprocess.run(
+        [str(BIN / "evomerge"), *[str(a) for a in args]],
+        env={**env, "COLUMNS": "300"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    return done.returncode, done.stdout, done.stderr
 
 
 def _sweep(path: Path, runs: Path, n_trials: int) -> Path:
@@ -141,20 +139,18 @@ def _wait(what: Any, timeout: float, message: str) -> Any:
     raise AssertionError(message)
 
 
-def _job_state(address: str, job_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient
+def _job_state(head: tuple[str, dict[str, str]], job_id: str) -> str:
+    code, out, err = cli(["sweeps", "status", job_id, "--address", head[0]], head[1])
+    assert code == 0, err
+    return out.split()[2]  # JOB_ID STUDY STATE ...
 
-    status = JobSubmissionClient(address).get_job_status(job_id)
-    return str(getattr(status, "value", status))
 
-
-def test_submit_watch_stop_and_resume(
-    ray_head: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_submit_watch_stop_and_resume(ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    address, env = ray_head
     runs = tmp_path / "runs"
-    budget = 40
+    budget = 300  # micro-zoo trials take a fraction of a second: enough to stop it mid-way
     config = _sweep(tmp_path / "sweep.yaml", runs, budget)
-    code, out, err = run(["submit", config, "--address", ray_head], capsys)
+    code, out, err = cli(["submit", config, "--address", address], env)
     assert code == 0, err
     match = re.search(r"submitted job (\S+) · study jobs", out)
     assert match, out
@@ -165,14 +161,14 @@ def test_submit_watch_stop_and_resume(
         return study is not None and len(study.get_trials(states=(TrialState.COMPLETE,))) >= 4
 
     _wait(some_complete, 240, f"the job's sweep never completed a trial: {_job_state(ray_head, job)}")
-    code, out, _ = run(["sweeps", "list", "--address", ray_head], capsys)
+    code, out, _ = cli(["sweeps", "list", "--address", address], env)
     assert code == 0
     (line,) = [ln for ln in out.splitlines() if ln.startswith(job)]
     assert " jobs " in line and "RUNNING" in line and re.search(rf"trials \d+/{budget}", line)
-    code, out, _ = run(["sweeps", "logs", job, "--address", ray_head], capsys)
+    code, out, _ = cli(["sweeps", "logs", job, "--address", address], env)
     assert code == 0 and "study jobs" in out  # the sweep's own first line, from the job's log
 
-    code, out, err = run(["sweeps", "stop", job, "--address", ray_head], capsys)
+    code, out, err = cli(["sweeps", "stop", job, "--address", address], env)
     assert code == 0, err
     assert out.strip() == f"job {job}: stopped"
     study = _study(runs)
@@ -187,7 +183,7 @@ def test_submit_watch_stop_and_resume(
     requeued = {int(t.user_attrs["requeued_from"]) for t in trials if "requeued_from" in t.user_attrs}
     assert requeued == {t.number for t in failed if t.user_attrs["error"].startswith("the sweep was stopped")}
 
-    code, out, err = run(["submit", config, "--address", ray_head], capsys)
+    code, out, err = cli(["submit", config, "--address", address], env)
     assert code == 0, err
     second = re.search(r"submitted job (\S+)", out).group(1)  # type: ignore[union-attr]
     _wait(
@@ -205,28 +201,30 @@ def test_submit_watch_stop_and_resume(
         assert any(
             t.user_attrs.get("requeued_from") == number and t.state == TrialState.COMPLETE for t in trials
         )
-    code, out, _ = run(["sweeps", "status", second, "--address", ray_head], capsys)
+    code, out, _ = cli(["sweeps", "status", second, "--address", address], env)
     assert code == 0
     assert f"trials {budget}/{budget}" in out and "SUCCEEDED" in out and "storage sqlite:///" in out
-    code, out, _ = run(["sweeps", "logs", second, "--follow", "--address", ray_head], capsys)
+    code, out, _ = cli(["sweeps", "logs", second, "--follow", "--address", address], env)
     assert code == 0 and "study jobs" in out  # --follow on a finished job prints it all and returns
 
 
-def test_bad_input_is_one_line(ray_head: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line(ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    address, env = ray_head
+
     def one_line(args: list[Any], *fragments: str) -> None:
-        code, out, err = run(args, capsys)
+        code, out, err = cli(args, env)
         assert code == 2, out + err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
         for fragment in fragments:
             assert fragment in lines[0], lines[0]
 
-    one_line(["sweeps", "status", "raysubmit_nonexistent", "--address", ray_head], "no job")
-    one_line(["sweeps", "stop", "raysubmit_nonexistent", "--address", ray_head], "no job")
+    one_line(["sweeps", "status", "raysubmit_nonexistent", "--address", address], "no job")
+    one_line(["sweeps", "stop", "raysubmit_nonexistent", "--address", address], "no job")
     one_line(["sweeps", "list", "--address", f"http://127.0.0.1:{_free_port()}"], "no Ray job server")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"study_name": "bad", "zoo": "micro", "n_trials": 0}))
-    _, before, _ = run(["sweeps", "list", "--address", ray_head], capsys)
-    one_line(["submit", bad, "--address", ray_head], "n_trials")
-    _, after, _ = run(["sweeps", "list", "--address", ray_head], capsys)
+    _, before, _ = cli(["sweeps", "list", "--address", address], env)
+    one_line(["submit", bad, "--address", address], "n_trials")
+    _, after, _ = cli(["sweeps", "list", "--address", address], env)
     assert after == before  # nothing was submitted
