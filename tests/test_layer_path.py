@@ -192,3 +192,22 @@ def test_every_sampler_searches_layer_paths(
     assert proposed and all(
         set(t.params) == {f"path.s{i}.on" for i in range(len(t.params))} for t in proposed
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"backend": {"kind": "vllm"}}, "layer_path"),
+        ({"polish": {"starts": ["uniform"]}}, "polish"),
+        ({"seed_genomes": [{"weight": 0.5}]}, "seed_genomes"),
+    ],
+)
+def test_sweep_refuses_what_a_layer_path_cannot_do(extra: dict[str, object], fragment: str) -> None:
+    from evomerge.config_util import validate_model
+    from evomerge.errors import ConfigError
+    from evomerge.optimizer import SweepConfig
+
+    data = {"study_name": "p", "zoo": "micro", "search_space": {"layer_path": {}}, **extra}
+    with pytest.raises(ConfigError) as exc:
+        validate_model(SweepConfig, data, where="sweep.yaml")
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
