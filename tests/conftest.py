@@ -68,3 +68,21 @@ def siblings_named_like(path: Path) -> list[str]:
     if not path.parent.exists():
         return []
     return sorted(p.name for p in path.parent.iterdir() if path.name in p.name)
+
+
+def run_cli(args: list[object]) -> int:
+    """``evomerge ARGS`` in this process; the exit code (0 when it returns normally)."""
+    from evomerge.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch, evomerge_home: Path, micro_zoo: Zoo) -> Zoo:
+    """EVOMERGE_HOME pointed at the session cache, so ``micro`` means the session's micro zoo."""
+    monkeypatch.setenv("EVOMERGE_HOME", str(evomerge_home))
+    return micro_zoo

@@ -17,12 +17,11 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import copy_model_with, siblings_named_like
+from conftest import copy_model_with, run_cli, siblings_named_like
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from evomerge.checkpoints import ModelDir
-from evomerge.cli import main
 from evomerge.evaluators import HFBackend, evaluate
 from evomerge.merging import InMemoryMerger, MergeRecipe
 from evomerge.optimizer import best_trial, trial_recipe
@@ -31,20 +30,7 @@ from evomerge.zoo import Zoo
 TASKS = ["arith", "code", "logic"]
 
 
-@pytest.fixture
-def home(monkeypatch: pytest.MonkeyPatch, evomerge_home: Path, micro_zoo: Zoo) -> Zoo:
-    """EVOMERGE_HOME pointed at the session cache, so ``micro`` means the session's micro zoo."""
-    monkeypatch.setenv("EVOMERGE_HOME", str(evomerge_home))
-    return micro_zoo
-
-
-def run(args: list[str]) -> int:
-    """``evomerge ARGS`` in this process; the exit code (0 when it returns normally)."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
+run = run_cli
 
 
 def assert_one_error_line(err: str, *fragments: str) -> str:

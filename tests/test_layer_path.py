@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
 from evomerge.checkpoints import ModelDir
-from evomerge.cli import main
 from evomerge.errors import EvaluationError
 from evomerge.evaluators import HFBackend, load_split
 from evomerge.evaluators.tasks import load_fewshot
@@ -103,21 +103,6 @@ def test_live_model_follows_candidate_depth(micro_zoo: Zoo, tmp_path: Path) -> N
         live.load_state_dict({k: v for k, v in base_state.items() if ".layers.0." not in k})
 
 
-def run(args: list[str]) -> int:
-    """``evomerge ARGS`` in this process; the exit code (0 when it returns normally)."""
-    try:
-        main(args)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
-
-
-@pytest.fixture
-def home(monkeypatch: pytest.MonkeyPatch, evomerge_home: Path, micro_zoo: Zoo) -> Zoo:
-    monkeypatch.setenv("EVOMERGE_HOME", str(evomerge_home))
-    return micro_zoo
-
-
 def test_layer_path_sweep_end_to_end(home: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = tmp_path / "runs"
     cfg = tmp_path / "sweep.yaml"
@@ -130,7 +115,7 @@ def test_layer_path_sweep_end_to_end(home: Zoo, tmp_path: Path, capsys: pytest.C
         "search_space": {"layer_path": {"repeats": 2, "scale": True}},
     }
     cfg.write_text(yaml.safe_dump(sweep))
-    assert run(["search", str(cfg)]) == 0
+    assert run_cli(["search", cfg]) == 0
     out = capsys.readouterr().out
     assert "verdict on test (" in out
     results = json.loads((runs / "path" / "results.json").read_text())
@@ -138,7 +123,7 @@ def test_layer_path_sweep_end_to_end(home: Zoo, tmp_path: Path, capsys: pytest.C
     # resume: more trials on the same study
     sweep["n_trials"] = 9
     cfg.write_text(yaml.safe_dump(sweep))
-    assert run(["search", str(cfg)]) == 0
+    assert run_cli(["search", cfg]) == 0
     study_db = runs / "path" / "study.db"
     import optuna
 

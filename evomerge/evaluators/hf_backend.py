@@ -329,8 +329,8 @@ class HFBackend:
         or (with ``check``) a NaN or Inf.
         """
         depth = _depth(state)
-        if depth is not None:
-            self.fit_layers(depth)
+        if depth is not None and depth != getattr(self.model.config, "num_hidden_layers", depth):
+            self.fit_layers(depth)  # a candidate of another depth (a layer path)
         live = self.model.state_dict(keep_vars=True)
         unexpected = sorted(set(state) - set(live))
         if unexpected:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -89,7 +88,6 @@ class _Reader:
         self.shared_rows = shared_rows
         self.device = device
         self.strict = strict
-        self._local = threading.local()  # the aligned vocabulary tensors of the tensor being read
 
     def _check(
         self, model: ModelDir, name: str, tensor: torch.Tensor, source: torch.Tensor, warnings: list[str]
@@ -106,40 +104,37 @@ class _Reader:
             raise CheckpointError(message + " (--strict)")
         warnings.append(message + "; they propagate into the merge")
 
-    def _raw(self, model: ModelDir, name: str) -> torch.Tensor:
-        pending = getattr(self._local, "aligned", None)
-        if pending is not None and pending[0] == name:
-            aligned: torch.Tensor = pending[1][model]
-            return aligned
-        tensor = model.read(name)
+    def _raws(self, name: str) -> dict[ModelDir, torch.Tensor]:
+        """Every model's tensor ``name`` as the merge takes it: the shared vocabulary rows, or with
+        ``tokenizer_source: union`` the rows laid out in the union's token order."""
+        models = ([self.base] if self.base is not None else []) + list(self.experts)
+        if self.vocab is not None and name in self.vocab[0].tensors:
+            alignment, paths = self.vocab
+            aligned = alignment.align({paths[m]: m.read(name) for m in paths})
+            return {m: aligned[paths[m]] for m in models}
         rows = self.shared_rows.get(name)
-        return tensor[:rows] if rows is not None else tensor
+        return {m: m.read(name)[:rows] if rows is not None else m.read(name) for m in models}
 
     def __call__(self, name: str) -> _Job:
         if not self.infos[name].is_float:
             return _Job(name, None, self.reference.read(name), None, [])
-        if self.vocab is not None and name in self.vocab[0].tensors:
-            alignment, paths = self.vocab
-            aligned = alignment.align({paths[m]: m.read(name) for m in paths})
-            self._local.aligned = (name, {m: aligned[paths[m]] for m in paths})
-        else:
-            self._local.aligned = None
+        raws = self._raws(name)
         warnings: list[str] = []
         if self.base is None:
             experts: list[torch.Tensor] = []
             for model in self.experts:
-                raw = self._raw(model, name)
+                raw = raws[model]
                 x = raw.to(self.device, torch.float32)
                 self._check(model, name, x, raw, warnings)
                 experts.append(x)
             inputs = MergeInputs(base=None, experts=tuple(experts))
         else:
-            raw_base = self._raw(self.base, name)
+            raw_base = raws[self.base]
             base = raw_base.to(self.device, torch.float32)
             self._check(self.base, name, base, raw_base, warnings)
             deltas: list[torch.Tensor] = []
             for model in self.experts:
-                raw = self._raw(model, name).to(self.device)
+                raw = raws[model].to(self.device)
                 delta = torch.sub(raw, base)  # promoted to float32 in one pass: x_i - b
                 self._check(model, name, delta, raw, warnings)
                 deltas.append(delta)
@@ -498,12 +493,13 @@ class InMemoryMerger:
     def _sliced_tensors(
         self, recipe: MergeRecipe, plan: Sequence[PlannedTensor], num_layers: int, out_dtype: torch.dtype
     ) -> Iterator[tuple[str, torch.Tensor]]:
+        parts = [recipe.slice_recipe(i) for i in range(len(recipe.slices))]
         for planned in plan:
             fixed = self._fixed.get(planned.inputs[0])
             if fixed is not None:
                 yield planned.out_name, fixed.clone()
                 continue
-            part, inputs = slice_inputs(recipe, planned, self._resident)
+            part, inputs = slice_inputs(recipe, parts, planned, self._resident)
             merged = run_kernel(part.method, part, planned.out_name, num_layers, inputs, t=planned.t)
             yield planned.out_name, merged.to(out_dtype)
 

@@ -28,12 +28,16 @@ __all__ = ["merge_sliced_streaming", "slice_inputs"]
 
 
 def slice_inputs(
-    recipe: MergeRecipe, planned: PlannedTensor, read: Callable[[str, str], torch.Tensor]
+    recipe: MergeRecipe,
+    parts: Sequence[MergeRecipe],
+    planned: PlannedTensor,
+    read: Callable[[str, str], torch.Tensor],
 ) -> tuple[MergeRecipe, MergeInputs]:
-    """The slice's own recipe and the kernel inputs for one planned tensor; ``read(model, name)`` gives a
-    float tensor of one source model. The slice's base model, when one of its sources, supplies the base
-    tensor; the other sources (those the slice recipe merges) the experts, in order."""
-    part = recipe.slice_recipe(planned.part)
+    """The slice's own recipe (``parts``: :meth:`MergeRecipe.slice_recipe` of every slice, built once per
+    merge) and the kernel inputs for one planned tensor; ``read(model, name)`` gives a float tensor of one
+    source model. The slice's base model, when one of its sources, supplies the base tensor; the other
+    sources (those the slice recipe merges) the experts, in order."""
+    part = parts[planned.part]
     sources = recipe.slices[planned.part].sources
     base = None
     if part.base_model is not None:
@@ -98,7 +102,8 @@ def merge_sliced_streaming(
             raise CheckpointError(f"tokenizer_source is not a directory: {tokenizer_dir}")
         out_dtype = recipe.torch_dtype(reference.torch_dtype)
         config = sliced_config(reference.config, source_layers)
-        templates = {p.out_name: _template(p, infos) for p in plan}
+        templates = {p.out_name: _template(p) for p in plan}
+        parts = [recipe.slice_recipe(i) for i in range(len(recipe.slices))]
         shapes = [
             (
                 p.out_name,
@@ -121,7 +126,7 @@ def merge_sliced_streaming(
                 if not infos[templates[planned.out_name]].is_float:
                     writer.add(planned.out_name, model_of(first.model).read(planned.inputs[0]))
                 else:
-                    part, inputs = slice_inputs(recipe, planned, read)
+                    part, inputs = slice_inputs(recipe, parts, planned, read)
                     merged = run_kernel(
                         part.method, part, planned.out_name, len(source_layers), inputs, t=planned.t
                     )
@@ -138,7 +143,7 @@ def merge_sliced_streaming(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _template(planned: PlannedTensor, infos: Mapping[str, Any]) -> str:
+def _template(planned: PlannedTensor) -> str:
     """The reference tensor an output tensor has the shape and dtype of (layer tensors: layer 0's)."""
     name = planned.out_name
     return with_layer(name, 0) if layer_index(name) is not None else name
@@ -152,7 +157,7 @@ def _check_inputs(
 ) -> None:
     """Every input tensor exists in its model with the shape of the tensor it stands for (headers only)."""
     for planned in plan:
-        want = infos[_template(planned, infos)]
+        want = infos[_template(planned)]
         for source, name in zip(recipe.slices[planned.part].sources, planned.inputs, strict=True):
             model = model_of(source.model)
             have = model.infos().get(name)

@@ -16,6 +16,7 @@ Needs the ``ray`` extra (``ray[default]``: the job server and its client). The a
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -166,7 +167,7 @@ def submit_sweep(
         if "EVOMERGE_HOME" in os.environ and local:
             variables.setdefault("EVOMERGE_HOME", os.environ["EVOMERGE_HOME"])
         job_id = client.submit_job(
-            entrypoint=" ".join(_quote(c) for c in command),
+            entrypoint=shlex.join(command),
             runtime_env={"working_dir": str(stage), "env_vars": variables},
             metadata=metadata,
             entrypoint_num_gpus=entrypoint_num_gpus or None,
@@ -174,12 +175,6 @@ def submit_sweep(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return str(job_id), job_cfg
-
-
-def _quote(word: str) -> str:
-    import shlex
-
-    return shlex.quote(word)
 
 
 @dataclass(frozen=True)
