@@ -148,8 +148,9 @@ def _job_state(head: tuple[str, dict[str, str]], job_id: str) -> str:
 def test_submit_watch_stop_and_resume(ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     address, env = ray_head
     runs = tmp_path / "runs"
-    budget = 300  # micro-zoo trials take a fraction of a second: enough to stop it mid-way
-    config = _sweep(tmp_path / "sweep.yaml", runs, budget)
+    # far more trials than can run before the stop, on any machine; the resumed sweep gets a small budget
+    first_budget = 5000
+    config = _sweep(tmp_path / "sweep.yaml", runs, first_budget)
     code, out, err = cli(["submit", config, "--address", address], env)
     assert code == 0, err
     match = re.search(r"submitted job (\S+) · study jobs", out)
@@ -164,7 +165,7 @@ def test_submit_watch_stop_and_resume(ray_head: tuple[str, dict[str, str]], tmp_
     code, out, _ = cli(["sweeps", "list", "--address", address], env)
     assert code == 0
     (line,) = [ln for ln in out.splitlines() if ln.startswith(job)]
-    assert " jobs " in line and "RUNNING" in line and re.search(rf"trials \d+/{budget}", line)
+    assert " jobs " in line and "RUNNING" in line and re.search(rf"trials \d+/{first_budget}", line)
     code, out, _ = cli(["sweeps", "logs", job, "--address", address], env)
     assert code == 0 and "study jobs" in out  # the sweep's own first line, from the job's log
 
@@ -176,14 +177,15 @@ def test_submit_watch_stop_and_resume(ray_head: tuple[str, dict[str, str]], tmp_
     trials = study.get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert not [t for t in trials if t.state == TrialState.RUNNING]  # nothing left running
-    assert len(complete) < budget  # stopped mid-way
+    assert len(complete) < first_budget  # stopped mid-way
     failed = [t for t in trials if t.state == TrialState.FAIL]
     for t in failed:  # each unfinished trial: failed with the reason and asked again
         assert t.user_attrs["error"].startswith(("the sweep was stopped", "the sweep process running it"))
     requeued = {int(t.user_attrs["requeued_from"]) for t in trials if "requeued_from" in t.user_attrs}
     assert requeued == {t.number for t in failed if t.user_attrs["error"].startswith("the sweep was stopped")}
 
-    code, out, err = cli(["submit", config, "--address", address], env)
+    budget = len(complete) + 15  # resumed to exactly this many complete trials
+    code, out, err = cli(["submit", config, "--n-trials", budget, "--address", address], env)
     assert code == 0, err
     second = re.search(r"submitted job (\S+)", out).group(1)  # type: ignore[union-attr]
     _wait(
